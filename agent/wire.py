@@ -1,0 +1,105 @@
+"""The wire contract: AWS IoT Core MQTT topics for Fleet Provisioning and Device Shadow.
+
+Nothing else in the project spells a topic. Builders return exact topic strings; the
+``*_FILTERS`` tuples are MQTT filters used by the broker side's policy. Topic names and
+field names are wire facts (see shared/reference/aws-iot-mqtt-api.md).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final, Literal
+
+PayloadFormat = Literal["json", "cbor"]
+PAYLOAD_FORMATS: Final[tuple[PayloadFormat, ...]] = ("json", "cbor")
+
+ACCEPTED: Final = "accepted"
+REJECTED: Final = "rejected"
+DELTA: Final = "delta"
+DOCUMENTS: Final = "documents"
+#: Last topic levels that only the service publishes.
+REPLY_SUFFIXES: Final = (ACCEPTED, REJECTED, DELTA, DOCUMENTS)
+
+THING_NAME_PATTERN: Final = re.compile(r"^[A-Za-z0-9:_-]{1,128}$")
+SHADOW_NAME_PATTERN: Final = re.compile(r"^[A-Za-z0-9:_-]{1,64}$")
+TEMPLATE_NAME_PATTERN: Final = re.compile(r"^[A-Za-z0-9_-]{1,36}$")
+
+# --------------------------------------------------------------------------- provisioning
+
+
+def create_certificate_from_csr(fmt: PayloadFormat = "json") -> str:
+    return f"$aws/certificates/create-from-csr/{fmt}"
+
+
+def create_keys_and_certificate(fmt: PayloadFormat = "json") -> str:
+    return f"$aws/certificates/create/{fmt}"
+
+
+def register_thing(template_name: str, fmt: PayloadFormat = "json") -> str:
+    return f"$aws/provisioning-templates/{template_name}/provision/{fmt}"
+
+
+def reply(request_topic: str, outcome: Literal["accepted", "rejected"]) -> str:
+    """The accepted or rejected topic of a request topic."""
+    return f"{request_topic}/{outcome}"
+
+
+#: Request topics of the Fleet Provisioning API, as MQTT filters.
+PROVISIONING_REQUEST_FILTERS: Final = (
+    "$aws/certificates/create-from-csr/+",
+    "$aws/certificates/create/+",
+    "$aws/provisioning-templates/+/provision/+",
+)
+#: Their accepted/rejected replies, as MQTT filters.
+PROVISIONING_REPLY_FILTERS: Final = tuple(f"{f}/+" for f in PROVISIONING_REQUEST_FILTERS)
+
+# --------------------------------------------------------------------------------- shadow
+
+ShadowOperation = Literal["get", "update", "delete"]
+SHADOW_OPERATIONS: Final[tuple[ShadowOperation, ...]] = ("get", "update", "delete")
+
+
+def shadow_prefix(thing_name: str, shadow_name: str | None = None) -> str:
+    """``$aws/things/<thing>/shadow`` or ``.../shadow/name/<shadow>`` for a named shadow."""
+    base = f"$aws/things/{thing_name}/shadow"
+    return f"{base}/name/{shadow_name}" if shadow_name else base
+
+
+def shadow_topic(
+    thing_name: str, operation: ShadowOperation, shadow_name: str | None = None
+) -> str:
+    return f"{shadow_prefix(thing_name, shadow_name)}/{operation}"
+
+
+def shadow_delta(thing_name: str, shadow_name: str | None = None) -> str:
+    return f"{shadow_prefix(thing_name, shadow_name)}/update/{DELTA}"
+
+
+def shadow_documents(thing_name: str, shadow_name: str | None = None) -> str:
+    return f"{shadow_prefix(thing_name, shadow_name)}/update/{DOCUMENTS}"
+
+
+def thing_filter(thing: str) -> str:
+    """Every topic of one thing (``thing`` may be a policy placeholder)."""
+    return f"$aws/things/{thing}/#"
+
+
+def shadow_request_filters(thing: str = "+") -> tuple[str, ...]:
+    """Shadow request topics (classic and named) of ``thing`` as MQTT filters."""
+    classic = tuple(f"$aws/things/{thing}/shadow/{op}" for op in SHADOW_OPERATIONS)
+    named = tuple(f"$aws/things/{thing}/shadow/name/+/{op}" for op in SHADOW_OPERATIONS)
+    return classic + named
+
+
+# ---------------------------------------------------------------- broker-side extensions
+
+#: User properties the broker plugin stamps on a forwarded request, and reads on a reply.
+PROPERTY_CLIENT_ID: Final = "fleet-client-id"
+PROPERTY_CONNECTION: Final = "fleet-connection"
+PROPERTY_ROLE: Final = "fleet-role"
+PROPERTY_CERTIFICATE_ID: Final = "fleet-certificate-id"
+PROPERTY_THING: Final = "fleet-thing"
+PROPERTY_REPLY_TO: Final = "fleet-reply-to"
+
+#: Plugin control topic (Mosquitto ``$CONTROL/<feature>/<version>``); service identity only.
+CONTROL_TOPIC: Final = "$CONTROL/fleet/v1"

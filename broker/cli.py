@@ -1,0 +1,289 @@
+"""``fleet-broker``: the local fleet cloud's command line.
+
+Every failure is one line on stderr naming the problem and the fix, and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from broker import bootstrap
+from broker.config import ConfigError, load_config
+from broker.mosquitto import BrokerError, RunFiles
+from broker.mqtt import ConnectError, connect, disconnect, tls_context
+from broker.pki import PkiError, PkiPaths
+from broker.registry import SQLiteRegistry
+from broker.stack import RunningState, Stack, pid_alive
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
+
+
+class CommandError(Exception):
+    pass
+
+
+def _config(args: argparse.Namespace, **overrides: object):
+    return load_config(args.dir, getattr(args, "config", None), **overrides)
+
+
+# ------------------------------------------------------------------------------- commands
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    paths = bootstrap.initialize(args.dir, hostnames=args.host, force=args.force)
+    print(f"PKI created in {paths.root}")
+    print(f"  CA certificate        {paths.ca_cert}")
+    print(
+        f"  broker certificate    {paths.broker_cert}  (localhost, 127.0.0.1, ::1"
+        + "".join(f", {h}" for h in args.host)
+        + ")"
+    )
+    print(f"  claim credentials     {paths.claim_cert}, {paths.claim_key}")
+    print(f"  service credentials   {paths.service_cert}, {paths.service_key}")
+    print(f"  registry              {paths.registry}")
+    print(f"  broker config         {paths.broker_config}")
+    print(f"Next: fleet-broker up --dir {args.dir}")
+    return EXIT_OK
+
+
+def cmd_issue_claim(args: argparse.Namespace) -> int:
+    issued = bootstrap.issue_claims(args.dir, name=args.name, count=args.count)
+    folder = issued[0][0].parent
+    print(
+        f"{len(issued)} claim certificate(s) in {folder} (registered ACTIVE, label {args.name!r})"
+    )
+    return EXIT_OK
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    config = _config(args, port=args.port, bind_address=args.bind, log_level=args.log_level)
+    stack = Stack(config, config_file=args.config)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stack.request_stop())
+    stack.start()
+    pki = PkiPaths(config.pki_dir)
+    print(f"mqtt-fleet broker side is up (Ctrl-C or fleet-broker down --dir {args.dir} to stop)")
+    print(f"  endpoint       mqtts://{config.connect_host}:{config.port}  (mutual TLS, TLS >= 1.2)")
+    print(f"  CA certificate {pki.ca_cert}")
+    print(f"  claim cert     {pki.claim_cert}")
+    print(f"  claim key      {pki.claim_key}")
+    print(f"  logs           {stack.files.log}, {stack.files.services_log}")
+    sys.stdout.flush()
+    return stack.supervise()
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    files = RunFiles(_config(args).run_dir)
+    state = RunningState.read(files)
+    if state is None or not pid_alive(state.supervisor_pid):
+        print("not running")
+        return EXIT_OK
+    os.kill(state.supervisor_pid, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    while pid_alive(state.supervisor_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if pid_alive(state.supervisor_pid):
+        raise CommandError(f"pid {state.supervisor_pid} did not stop within 20 s; kill it")
+    print("stopped")
+    return EXIT_OK
+
+
+def _service_client(args: argparse.Namespace, state: RunningState, purpose: str):
+    pki = PkiPaths(args.dir.resolve())
+    return connect(
+        state.host,
+        state.port,
+        context=tls_context(pki.ca_cert, pki.service_cert, pki.service_key),
+        client_id=f"fleet-{purpose}-{os.getpid()}",
+        timeout=5,
+    )
+
+
+def _sys_values(
+    args: argparse.Namespace, state: RunningState, topics: Sequence[str]
+) -> dict[str, str]:
+    values: dict[str, str] = {}
+    got = threading.Event()
+
+    def on_message(_c: object, _u: object, message) -> None:
+        values[message.topic] = message.payload.decode(errors="replace")
+        if all(t in values for t in topics):
+            got.set()
+
+    client = _service_client(args, state, "status")
+    client.on_message = on_message
+    for topic in topics:
+        client.subscribe(topic)
+    got.wait(3)
+    disconnect(client)
+    return values
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    files = RunFiles(_config(args).run_dir)
+    state = RunningState.read(files)
+    if state is None or not pid_alive(state.supervisor_pid):
+        print(f"not running (no live fleet-broker up for {args.dir})")
+        return EXIT_NOT_RUNNING
+    mosquitto = "running" if pid_alive(state.mosquitto_pid) else "DEAD"
+    services = "running" if pid_alive(state.services_pid) else "restarting"
+    uptime = time.time() - state.started_at
+    print(f"fleet-broker up since {uptime:.0f} s (supervisor pid {state.supervisor_pid})")
+    print(f"  mosquitto  {mosquitto} (pid {state.mosquitto_pid}) on {state.host}:{state.port}")
+    print(f"  services   {services} (pid {state.services_pid})")
+    try:
+        values = _sys_values(args, state, ["$SYS/broker/clients/connected", "$SYS/broker/version"])
+    except ConnectError as exc:
+        print(f"  clients    unknown ({exc})")
+        return EXIT_ERROR
+    connected = values.get("$SYS/broker/clients/connected", "?")
+    print(f"  clients    {connected} connected (broker figure, refreshed every 5 s)")
+    print(f"  version    {values.get('$SYS/broker/version', '?')}")
+    return EXIT_OK
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    revoked = bootstrap.revoke(args.dir, args.target)
+    for record in revoked:
+        owner = f"thing {record.thing_name}" if record.thing_name else record.role
+        print(f"revoked certificate {record.id[:16]}… ({owner})")
+    state = RunningState.read(RunFiles(_config(args).run_dir))
+    if state is None or not pid_alive(state.mosquitto_pid):
+        print(
+            "broker not running: the registry and the CRL refuse these certificates "
+            "from its next start"
+        )
+        return EXIT_OK
+    from agent import wire
+
+    client = _service_client(args, state, "revoke")
+    payload = "\n".join(f"kick-certificate {r.id}" for r in revoked)
+    client.publish(wire.CONTROL_TOPIC, payload, qos=1).wait_for_publish(5)
+    disconnect(client)
+    os.kill(state.mosquitto_pid, signal.SIGHUP)  # reload the CRL for new TLS handshakes
+    print("disconnected any live connection using them; the broker reloaded the CRL")
+    return EXIT_OK
+
+
+def _registry(args: argparse.Namespace) -> SQLiteRegistry:
+    pki = PkiPaths(args.dir.resolve())
+    if not pki.registry.exists():
+        raise CommandError(f"no registry in {pki.root}: run fleet-broker init --dir {args.dir}")
+    return SQLiteRegistry.open(pki.registry)
+
+
+def cmd_things(args: argparse.Namespace) -> int:
+    with _registry(args) as registry:
+        things = registry.list_things()
+        print(f"{'THING':<40} {'CERTIFICATES':>12}  ATTRIBUTES")
+        for thing in things:
+            certificates = registry.list_certificates(thing_name=thing.name)
+            print(f"{thing.name:<40} {len(certificates):>12}  {thing.attributes}")
+        print(f"{len(things)} thing(s)")
+    return EXIT_OK
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    with _registry(args) as registry:
+        records = registry.list_certificates()
+        print(f"{'CERTIFICATE ID':<18} {'ROLE':<8} {'STATUS':<19} {'THING / LABEL':<32} EXPIRES")
+        for r in records:
+            print(
+                f"{r.id[:16]:<18} {r.role:<8} {r.status:<19} "
+                f"{(r.thing_name or r.label or '-'):<32} {r.not_after:%Y-%m-%d}"
+            )
+        print(f"{len(records)} certificate(s)")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fleet-broker",
+        description="A local, secure MQTT cloud for a device fleet: Mosquitto with mutual TLS "
+        "and the mqtt-fleet plugin, a CA, a device registry and the fleet services.",
+    )
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=Path("certs"),
+        help="PKI, registry and run folder (default: certs)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(
+        name: str, handler: Callable[[argparse.Namespace], int], help: str
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = add(
+        "init", cmd_init, "create the CA, broker, claim and service credentials and the registry"
+    )
+    p.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        metavar="NAME_OR_IP",
+        help="extra DNS name or IP address for the broker certificate (repeatable)",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="replace an existing PKI (revokes everything)"
+    )
+
+    p = add("issue-claim", cmd_issue_claim, "mint more claim (bootstrap) certificates")
+    p.add_argument("name", help="batch name: the folder under <dir>/claims and the registry label")
+    p.add_argument("--count", type=int, default=1, help="how many (one per device); default 1")
+
+    p = add("up", cmd_up, "start Mosquitto with the plugin and the fleet services; Ctrl-C stops")
+    p.add_argument("--port", type=int, help="listener port (default from broker.toml: 8883)")
+    p.add_argument("--bind", help="listener address (default from broker.toml: 0.0.0.0)")
+    p.add_argument("--log-level", choices=["error", "warning", "notice", "info", "debug"])
+    p.add_argument("--config", type=Path, help="broker config (default: <dir>/broker.toml)")
+
+    add("down", cmd_down, "stop a running fleet-broker up")
+    add("status", cmd_status, "what runs, on which port, how many clients are connected")
+
+    p = add("revoke", cmd_revoke, "revoke a thing's certificates or one certificate, at once")
+    p.add_argument("target", help="thing name, certificate id, or a unique id prefix (8+ hex)")
+
+    add("things", cmd_things, "list registered things")
+    add("certs", cmd_certs, "list registered certificates with role and status")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except (BrokerError, ConfigError, PkiError, CommandError, ConnectError) as exc:
+        print(f"fleet-broker: error: {exc}", file=sys.stderr)
+    except (LookupError, ValueError) as exc:  # registry: unknown target, invalid name
+        print(f"fleet-broker: error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+    except sqlite3.Error as exc:
+        print(f"fleet-broker: error: registry: {exc}", file=sys.stderr)
+    except PermissionError as exc:
+        print(
+            f"fleet-broker: error: {exc.filename}: permission denied; run as the user that "
+            "ran fleet-broker init (or root)",
+            file=sys.stderr,
+        )
+    except KeyboardInterrupt:
+        return 130
+    return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Broker-side configuration: ``<pki dir>/broker.toml``, one clear message per problem."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from agent import wire
+
+LOG_LEVELS = ("error", "warning", "notice", "info", "debug")
+
+
+class ConfigError(Exception):
+    """A configuration problem; the message names the file, the key and the fix."""
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    pki_dir: Path
+    port: int = 8883
+    bind_address: str = "0.0.0.0"
+    log_level: str = "notice"
+    max_open_files: int = 65536
+    run_dir: Path = field(default=Path("run"))
+    device_validity_days: int = 365
+    services_client_id: str = "fleet-services"
+
+    @property
+    def connect_host(self) -> str:
+        """Where a local client reaches this broker."""
+        return "127.0.0.1" if self.bind_address in ("0.0.0.0", "::", "") else self.bind_address
+
+
+# section -> key -> (attribute, type)
+_SCHEMA: dict[str, dict[str, tuple[str, type]]] = {
+    "broker": {
+        "port": ("port", int),
+        "bind_address": ("bind_address", str),
+        "log_level": ("log_level", str),
+        "max_open_files": ("max_open_files", int),
+        "run_dir": ("run_dir", str),
+    },
+    "certificates": {"device_validity_days": ("device_validity_days", int)},
+    "services": {"client_id": ("services_client_id", str)},
+}
+
+
+def load_config(pki_dir: Path, config_file: Path | None = None, **overrides: Any) -> BrokerConfig:
+    """Read ``broker.toml`` (default: in ``pki_dir``), apply overrides, validate."""
+    pki_dir = pki_dir.resolve()
+    path = config_file or pki_dir / "broker.toml"
+    values: dict[str, Any] = {}
+    if path.exists():
+        try:
+            document = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(
+                f"{path}: not valid TOML ({exc}); fix the file or delete it"
+            ) from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+        values = _flatten(path, document)
+    elif config_file is not None:
+        raise ConfigError(f"{path}: no such config file")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    run_dir = Path(values.pop("run_dir", "run"))
+    config = BrokerConfig(pki_dir=pki_dir, **values)
+    config = replace(config, run_dir=run_dir if run_dir.is_absolute() else pki_dir / run_dir)
+    _validate(path, config)
+    return config
+
+
+def _flatten(path: Path, document: dict[str, Any]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for section, table in document.items():
+        schema = _SCHEMA.get(section)
+        if schema is None or not isinstance(table, dict):
+            known = ", ".join(f"[{s}]" for s in _SCHEMA)
+            raise ConfigError(f"{path}: unknown section [{section}]; known sections: {known}")
+        for key, value in table.items():
+            if key not in schema:
+                known = ", ".join(schema)
+                raise ConfigError(f"{path}: unknown key {section}.{key}; known keys: {known}")
+            attribute, expected = schema[key]
+            if not isinstance(value, expected) or isinstance(value, bool):
+                raise ConfigError(
+                    f"{path}: {section}.{key} must be a {expected.__name__}, got {value!r}"
+                )
+            values[attribute] = value
+    return values
+
+
+def _validate(path: Path, config: BrokerConfig) -> None:
+    if not 1 <= config.port <= 65535:
+        raise ConfigError(f"{path}: broker.port {config.port} is not a TCP port (1-65535)")
+    if config.log_level not in LOG_LEVELS:
+        raise ConfigError(
+            f"{path}: broker.log_level {config.log_level!r} must be one of {', '.join(LOG_LEVELS)}"
+        )
+    if config.max_open_files < 1024:
+        raise ConfigError(f"{path}: broker.max_open_files must be at least 1024")
+    if not 1 <= config.device_validity_days <= 3650:
+        raise ConfigError(f"{path}: certificates.device_validity_days must be 1-3650")
+    if wire.THING_NAME_PATTERN.match(config.services_client_id) is None:
+        raise ConfigError(
+            f"{path}: services.client_id must be 1-128 characters of letters, digits, ':', '_', '-'"
+        )

@@ -1,0 +1,72 @@
+"""Blocking paho-mqtt connections over mutual TLS, for the services and operator commands."""
+
+from __future__ import annotations
+
+import ssl
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+
+class ConnectError(Exception):
+    """Could not connect; the message says what the broker or the network answered."""
+
+
+def tls_context(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
+    """Mutual TLS, 1.2 at least, server certificate and hostname verified against our CA."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(cert), str(key))
+    return context
+
+
+def connect(
+    host: str,
+    port: int,
+    *,
+    context: ssl.SSLContext,
+    client_id: str,
+    clean_start: bool = True,
+    session_expiry: int = 0,
+    timeout: float = 10.0,
+    on_message: Callable[[mqtt.Client, object, mqtt.MQTTMessage], None] | None = None,
+    keepalive: int = 30,
+) -> mqtt.Client:
+    """Connect with MQTT 5 and start the network thread; raise ConnectError on refusal."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    client.tls_set_context(context)
+    if on_message is not None:
+        client.on_message = on_message
+    done = threading.Event()
+    outcome: dict[str, object] = {}
+
+    def on_connect(_c: mqtt.Client, _u: object, _f: object, reason: object, _p: object) -> None:
+        outcome["reason"] = reason
+        done.set()
+
+    client.on_connect = on_connect
+    properties = Properties(PacketTypes.CONNECT)
+    properties.SessionExpiryInterval = session_expiry
+    try:
+        client.connect(host, port, keepalive, clean_start=clean_start, properties=properties)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConnectError(f"cannot connect to {host}:{port}: {exc}") from None
+    client.loop_start()
+    if not done.wait(timeout):
+        client.loop_stop()
+        raise ConnectError(f"no CONNACK from {host}:{port} within {timeout:.0f} s")
+    reason = outcome["reason"]
+    if getattr(reason, "is_failure", False):
+        client.loop_stop()
+        raise ConnectError(f"{host}:{port} refused the connection: {reason}")
+    return client
+
+
+def disconnect(client: mqtt.Client) -> None:
+    client.disconnect()
+    client.loop_stop()

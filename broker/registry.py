@@ -1,0 +1,710 @@
+"""Device registry: things, certificates, ownership tokens and shadows.
+
+`Registry` is the small storage interface the services use; `SQLiteRegistry` is the embedded
+default (one file, WAL). The C plugin opens the same database read-only and runs exactly
+
+    SELECT status, role, thing_name FROM certificates WHERE id = ?1
+    SELECT 1 FROM things WHERE name = ?1
+
+so those table and column names are part of the contract with broker/plugin/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from types import TracebackType
+from typing import Literal, Protocol
+
+from cryptography import x509
+
+from broker.pki import certificate_id, certificate_pem
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS things (
+    name TEXT PRIMARY KEY,
+    attributes TEXT NOT NULL DEFAULT '{}',
+    thing_groups TEXT NOT NULL DEFAULT '[]',
+    thing_type TEXT,
+    version INTEGER NOT NULL DEFAULT 1,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS certificates (
+    id TEXT PRIMARY KEY,
+    pem TEXT NOT NULL,
+    serial TEXT NOT NULL,
+    role TEXT NOT NULL CHECK (role IN ('device', 'claim', 'service')),
+    status TEXT NOT NULL
+        CHECK (status IN ('PENDING_ACTIVATION', 'ACTIVE', 'INACTIVE', 'REVOKED')),
+    thing_name TEXT REFERENCES things(name) ON DELETE SET NULL,
+    label TEXT,
+    not_after REAL NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    revoked_at REAL
+);
+CREATE INDEX IF NOT EXISTS certificates_thing_name ON certificates(thing_name);
+CREATE TABLE IF NOT EXISTS ownership_tokens (
+    token_hash TEXT PRIMARY KEY,
+    certificate_id TEXT NOT NULL REFERENCES certificates(id) ON DELETE CASCADE,
+    expires_at REAL NOT NULL,
+    used_at REAL
+);
+CREATE INDEX IF NOT EXISTS ownership_tokens_certificate_id
+    ON ownership_tokens(certificate_id);
+CREATE TABLE IF NOT EXISTS shadows (
+    thing_name TEXT NOT NULL,
+    shadow_name TEXT NOT NULL DEFAULT '',
+    document TEXT,
+    version INTEGER NOT NULL DEFAULT 0,
+    deleted_at REAL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (thing_name, shadow_name)
+);
+"""
+
+THING_NAME = re.compile(r"[a-zA-Z0-9:_-]{1,128}")
+CERTIFICATE_ID = re.compile(r"[0-9a-f]{64}")
+CERTIFICATE_ID_PREFIX = re.compile(r"[0-9a-f]{8,63}")
+
+
+class CertificateRole(str, Enum):
+    DEVICE = "device"
+    CLAIM = "claim"
+    SERVICE = "service"
+
+
+class CertificateStatus(str, Enum):
+    PENDING_ACTIVATION = "PENDING_ACTIVATION"
+    ACTIVE = "ACTIVE"
+    INACTIVE = "INACTIVE"
+    REVOKED = "REVOKED"
+
+
+# --- errors: one-line messages that never carry a secret
+
+
+class _PlainKeyError(KeyError):
+    # KeyError's str() quotes its argument; these are messages, not keys.
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class UnknownCertificate(_PlainKeyError):
+    pass
+
+
+class UnknownThing(_PlainKeyError):
+    pass
+
+
+class UnknownTarget(LookupError):
+    pass
+
+
+class InvalidName(ValueError):
+    pass
+
+
+class CertificateExists(ValueError):
+    pass
+
+
+class RegistryError(sqlite3.DatabaseError):
+    """The database cannot be used (wrong schema version, not SQLite, ...)."""
+
+
+TokenRejection = Literal["unknown", "used", "expired"]
+
+
+class InvalidOwnershipToken(Exception):
+    _MESSAGES: Mapping[str, str] = {
+        "unknown": "the ownership token is unknown",
+        "used": "the ownership token has already been used",
+        "expired": "the ownership token has expired",
+    }
+
+    def __init__(self, reason: TokenRejection) -> None:
+        super().__init__(self._MESSAGES[reason])
+        self.reason: TokenRejection = reason
+
+
+# --- records
+
+
+@dataclass(frozen=True)
+class Thing:
+    name: str
+    attributes: Mapping[str, str]
+    thing_groups: tuple[str, ...]
+    thing_type: str | None
+    version: int
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class CertificateRecord:
+    id: str
+    pem: str = field(repr=False)
+    serial: str
+    role: CertificateRole
+    status: CertificateStatus
+    thing_name: str | None
+    label: str | None
+    not_after: dt.datetime
+    created_at: dt.datetime
+    revoked_at: dt.datetime | None
+
+
+def validate_thing_name(name: str) -> str:
+    if not isinstance(name, str) or not THING_NAME.fullmatch(name):
+        raise InvalidName(
+            f"thing name {name!r} is invalid; use 1-128 characters from a-z A-Z 0-9 : _ -"
+        )
+    return name
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _timestamp(moment: dt.datetime) -> float:
+    if moment.tzinfo is None:
+        raise ValueError("give an aware datetime (UTC); a naive one would be read as local time")
+    return moment.timestamp()
+
+
+def _datetime(timestamp: float | None) -> dt.datetime | None:
+    if timestamp is None:
+        return None
+    return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc)
+
+
+def _utc(timestamp: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc)
+
+
+# --- interface
+
+
+class Registry(Protocol):
+    def close(self) -> None: ...
+
+    def add_certificate(
+        self,
+        cert: x509.Certificate,
+        *,
+        role: CertificateRole,
+        status: CertificateStatus,
+        thing_name: str | None = None,
+        label: str | None = None,
+    ) -> CertificateRecord: ...
+
+    def add_certificates(
+        self,
+        certs: Sequence[x509.Certificate],
+        *,
+        role: CertificateRole,
+        status: CertificateStatus,
+        label: str | None = None,
+    ) -> list[CertificateRecord]: ...
+
+    def get_certificate(self, cert_id: str) -> CertificateRecord | None: ...
+
+    def list_certificates(
+        self,
+        *,
+        role: CertificateRole | None = None,
+        thing_name: str | None = None,
+        status: CertificateStatus | None = None,
+    ) -> list[CertificateRecord]: ...
+
+    def set_certificate_status(self, cert_id: str, status: CertificateStatus) -> None: ...
+
+    def attach_certificate(self, cert_id: str, thing_name: str) -> None: ...
+
+    def delete_certificate(self, cert_id: str) -> None: ...
+
+    def create_or_update_thing(
+        self,
+        name: str,
+        *,
+        attributes: Mapping[str, str] | None = None,
+        thing_groups: Sequence[str] | None = None,
+        thing_type: str | None = None,
+    ) -> Thing: ...
+
+    def get_thing(self, name: str) -> Thing | None: ...
+
+    def list_things(self) -> list[Thing]: ...
+
+    def delete_thing(self, name: str) -> bool: ...
+
+    def revoke(self, target: str) -> list[CertificateRecord]: ...
+
+    def revoked_certificates(self) -> list[tuple[int, dt.datetime]]: ...
+
+    def add_ownership_token(
+        self, certificate_id: str, token: str, expires_at: dt.datetime
+    ) -> None: ...
+
+    def consume_ownership_token(self, token: str, *, now: dt.datetime | None = None) -> str: ...
+
+    def purge_expired(self, now: dt.datetime) -> list[str]: ...
+
+
+# --- SQLite
+
+
+_CERT_COLUMNS = (
+    "id, pem, serial, role, status, thing_name, label, not_after, created_at, revoked_at"
+)
+
+
+def _certificate_record(row: sqlite3.Row) -> CertificateRecord:
+    return CertificateRecord(
+        id=row["id"],
+        pem=row["pem"],
+        serial=row["serial"],
+        role=CertificateRole(row["role"]),
+        status=CertificateStatus(row["status"]),
+        thing_name=row["thing_name"],
+        label=row["label"],
+        not_after=_utc(row["not_after"]),
+        created_at=_utc(row["created_at"]),
+        revoked_at=_datetime(row["revoked_at"]),
+    )
+
+
+def _thing(row: sqlite3.Row) -> Thing:
+    return Thing(
+        name=row["name"],
+        attributes=json.loads(row["attributes"]),
+        thing_groups=tuple(json.loads(row["thing_groups"])),
+        thing_type=row["thing_type"],
+        version=row["version"],
+        created_at=_utc(row["created_at"]),
+        updated_at=_utc(row["updated_at"]),
+    )
+
+
+def _check_attributes(attributes: Mapping[str, str]) -> dict[str, str]:
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in attributes.items()):
+        raise ValueError("thing attributes must map strings to strings")
+    return dict(attributes)
+
+
+def _check_groups(groups: Sequence[str]) -> list[str]:
+    if isinstance(groups, str) or not all(isinstance(g, str) for g in groups):
+        raise ValueError("thing groups must be a list of strings")
+    return list(groups)
+
+
+class SQLiteRegistry:
+    """The registry in one SQLite file (WAL, so the plugin's read-only lookups never block).
+
+    One connection, guarded by a lock: safe to share between the threads of one process.
+    Every method is its own transaction.
+    """
+
+    def __init__(self, connection: sqlite3.Connection, path: Path) -> None:
+        self._db = connection
+        self._lock = threading.Lock()
+        self.path = path
+
+    @classmethod
+    def open(cls, path: Path, *, owner_uid: int | None = None) -> SQLiteRegistry:
+        path = Path(path)
+        # Only root can give files away; anyone else keeps them (and is the broker's user).
+        owner = owner_uid if os.geteuid() == 0 else None
+        if not path.parent.exists():
+            path.parent.mkdir(mode=0o700, parents=True)
+            os.chmod(path.parent, 0o700)  # mkdir's mode is narrowed by the umask
+        if owner is not None:
+            # The broker user must be able to create the -shm file next to the database.
+            os.chown(path.parent, owner, -1)
+        # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE) in _transaction().
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5.0)
+        try:
+            if owner is not None:
+                # Before the first PRAGMA: as root, SQLite gives -wal/-shm the database's owner.
+                os.chown(path, owner, -1)
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA busy_timeout = 5000")
+            db.execute("PRAGMA foreign_keys = ON")
+            mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode != "wal":
+                raise RegistryError(f"{path}: cannot switch the registry to WAL mode ({mode})")
+            db.executescript(SCHEMA)
+            db.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
+            )
+            version = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            if int(version[0]) != SCHEMA_VERSION:
+                raise RegistryError(
+                    f"{path} has registry schema version {version[0]}, this program knows "
+                    f"{SCHEMA_VERSION}; run a matching version of mqtt-fleet"
+                )
+        except RegistryError:
+            db.close()
+            raise
+        except sqlite3.DatabaseError as exc:
+            db.close()
+            raise RegistryError(f"{path} is not a usable registry database ({exc})") from None
+        except BaseException:
+            db.close()
+            raise
+        if owner is not None:
+            for suffix in ("-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.chown(f"{path}{suffix}", owner, -1)
+        return cls(db, path)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> SQLiteRegistry:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            # IMMEDIATE takes the write lock up front, so read-then-write steps cannot race.
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, params: Sequence[object] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    # --- certificates
+
+    def add_certificate(
+        self,
+        cert: x509.Certificate,
+        *,
+        role: CertificateRole,
+        status: CertificateStatus,
+        thing_name: str | None = None,
+        label: str | None = None,
+    ) -> CertificateRecord:
+        with self._transaction() as db:
+            return self._insert_certificate(db, cert, role, status, thing_name, label)
+
+    def add_certificates(
+        self,
+        certs: Sequence[x509.Certificate],
+        *,
+        role: CertificateRole,
+        status: CertificateStatus,
+        label: str | None = None,
+    ) -> list[CertificateRecord]:
+        """Register many certificates in one transaction (one fsync, all or none)."""
+        with self._transaction() as db:
+            return [self._insert_certificate(db, c, role, status, None, label) for c in certs]
+
+    def _insert_certificate(
+        self,
+        db: sqlite3.Connection,
+        cert: x509.Certificate,
+        role: CertificateRole,
+        status: CertificateStatus,
+        thing_name: str | None,
+        label: str | None,
+    ) -> CertificateRecord:
+        role, status = CertificateRole(role), CertificateStatus(status)
+        if thing_name is not None:
+            validate_thing_name(thing_name)
+        now = time.time()
+        record = CertificateRecord(
+            id=certificate_id(cert),
+            pem=certificate_pem(cert).decode(),
+            serial=format(cert.serial_number, "x"),
+            role=role,
+            status=status,
+            thing_name=thing_name,
+            label=label,
+            not_after=cert.not_valid_after_utc,
+            created_at=_utc(now),
+            revoked_at=_utc(now) if status is CertificateStatus.REVOKED else None,
+        )
+        try:
+            db.execute(
+                f"INSERT INTO certificates ({_CERT_COLUMNS}, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.id,
+                    record.pem,
+                    record.serial,
+                    role.value,
+                    status.value,
+                    thing_name,
+                    label,
+                    record.not_after.timestamp(),
+                    now,
+                    now if record.revoked_at else None,
+                    now,
+                ),
+            )
+        except sqlite3.IntegrityError:
+            if self._certificate_row(db, record.id) is not None:
+                raise CertificateExists(f"certificate {record.id} is already registered") from None
+            raise UnknownThing(f"no thing named {thing_name!r}; create it first") from None
+        return record
+
+    @staticmethod
+    def _certificate_row(db: sqlite3.Connection, cert_id: str) -> sqlite3.Row | None:
+        return db.execute(
+            f"SELECT {_CERT_COLUMNS} FROM certificates WHERE id = ?", (cert_id.lower(),)
+        ).fetchone()
+
+    def get_certificate(self, cert_id: str) -> CertificateRecord | None:
+        with self._lock:
+            row = self._certificate_row(self._db, cert_id)
+        return None if row is None else _certificate_record(row)
+
+    def list_certificates(
+        self,
+        *,
+        role: CertificateRole | None = None,
+        thing_name: str | None = None,
+        status: CertificateStatus | None = None,
+    ) -> list[CertificateRecord]:
+        conditions: list[str] = []
+        params: list[object] = []
+        if role is not None:
+            conditions.append("role = ?")
+            params.append(CertificateRole(role).value)
+        if thing_name is not None:
+            conditions.append("thing_name = ?")
+            params.append(thing_name)
+        if status is not None:
+            conditions.append("status = ?")
+            params.append(CertificateStatus(status).value)
+        where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+        rows = self._query(
+            f"SELECT {_CERT_COLUMNS} FROM certificates{where} ORDER BY created_at, id", params
+        )
+        return [_certificate_record(row) for row in rows]
+
+    def set_certificate_status(self, cert_id: str, status: CertificateStatus) -> None:
+        status = CertificateStatus(status)
+        now = time.time()
+        with self._transaction() as db:
+            if status is CertificateStatus.REVOKED:
+                # Keep the first revocation time: it is what the CRL publishes.
+                sql = (
+                    "UPDATE certificates SET status = ?, updated_at = ?,"
+                    " revoked_at = COALESCE(revoked_at, ?) WHERE id = ?"
+                )
+                params: tuple[object, ...] = (status.value, now, now, cert_id.lower())
+            else:
+                sql = "UPDATE certificates SET status = ?, updated_at = ? WHERE id = ?"
+                params = (status.value, now, cert_id.lower())
+            if db.execute(sql, params).rowcount == 0:
+                raise UnknownCertificate(f"no certificate with id {cert_id}")
+
+    def attach_certificate(self, cert_id: str, thing_name: str) -> None:
+        validate_thing_name(thing_name)
+        with self._transaction() as db:
+            if db.execute("SELECT 1 FROM things WHERE name = ?", (thing_name,)).fetchone() is None:
+                raise UnknownThing(f"no thing named {thing_name!r}; create it first")
+            updated = db.execute(
+                "UPDATE certificates SET thing_name = ?, updated_at = ? WHERE id = ?",
+                (thing_name, time.time(), cert_id.lower()),
+            )
+            if updated.rowcount == 0:
+                raise UnknownCertificate(f"no certificate with id {cert_id}")
+
+    def delete_certificate(self, cert_id: str) -> None:
+        with self._transaction() as db:
+            deleted = db.execute("DELETE FROM certificates WHERE id = ?", (cert_id.lower(),))
+            if deleted.rowcount == 0:
+                raise UnknownCertificate(f"no certificate with id {cert_id}")
+
+    # --- things
+
+    def create_or_update_thing(
+        self,
+        name: str,
+        *,
+        attributes: Mapping[str, str] | None = None,
+        thing_groups: Sequence[str] | None = None,
+        thing_type: str | None = None,
+    ) -> Thing:
+        """Create the thing, or replace the fields given (None keeps a field) and bump version."""
+        validate_thing_name(name)
+        attrs = None if attributes is None else json.dumps(_check_attributes(attributes))
+        groups = None if thing_groups is None else json.dumps(_check_groups(thing_groups))
+        now = time.time()
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO things"
+                " (name, attributes, thing_groups, thing_type, version, created_at, updated_at)"
+                " VALUES (?, COALESCE(?, '{}'), COALESCE(?, '[]'), ?, 1, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET"
+                "  attributes = COALESCE(?, attributes),"
+                "  thing_groups = COALESCE(?, thing_groups),"
+                "  thing_type = COALESCE(?, thing_type),"
+                "  version = version + 1,"
+                "  updated_at = ?",
+                (name, attrs, groups, thing_type, now, now, attrs, groups, thing_type, now),
+            )
+            row = db.execute("SELECT * FROM things WHERE name = ?", (name,)).fetchone()
+        return _thing(row)
+
+    def get_thing(self, name: str) -> Thing | None:
+        rows = self._query("SELECT * FROM things WHERE name = ?", (name,))
+        return _thing(rows[0]) if rows else None
+
+    def list_things(self) -> list[Thing]:
+        return [_thing(row) for row in self._query("SELECT * FROM things ORDER BY name")]
+
+    def delete_thing(self, name: str) -> bool:
+        """Delete the thing (its certificates stay, detached). False if there was none."""
+        with self._transaction() as db:
+            return db.execute("DELETE FROM things WHERE name = ?", (name,)).rowcount > 0
+
+    # --- revocation
+
+    def revoke(self, target: str) -> list[CertificateRecord]:
+        """Revoke a thing's certificates, or one certificate by id or unique id prefix (>= 8 hex).
+
+        A 64-hex id is taken as a certificate id first, then any other target as a thing name.
+        """
+        hex_target = target.lower()
+        now = time.time()
+        with self._transaction() as db:
+            ids = self._revocation_targets(db, target, hex_target)
+            for cert_id in ids:
+                db.execute(
+                    "UPDATE certificates SET status = 'REVOKED', updated_at = ?,"
+                    " revoked_at = COALESCE(revoked_at, ?) WHERE id = ?",
+                    (now, now, cert_id),
+                )
+            rows = [self._certificate_row(db, cert_id) for cert_id in ids]
+        return [_certificate_record(row) for row in rows if row is not None]
+
+    @staticmethod
+    def _revocation_targets(db: sqlite3.Connection, target: str, hex_target: str) -> list[str]:
+        is_full_id = CERTIFICATE_ID.fullmatch(hex_target) is not None
+        if (
+            is_full_id
+            and db.execute("SELECT 1 FROM certificates WHERE id = ?", (hex_target,)).fetchone()
+        ):
+            return [hex_target]
+        if db.execute("SELECT 1 FROM things WHERE name = ?", (target,)).fetchone():
+            rows = db.execute(
+                "SELECT id FROM certificates WHERE thing_name = ? ORDER BY created_at, id",
+                (target,),
+            ).fetchall()
+            if not rows:
+                raise UnknownTarget(f"thing {target!r} has no certificates to revoke")
+            return [row["id"] for row in rows]
+        if CERTIFICATE_ID_PREFIX.fullmatch(hex_target):
+            rows = db.execute(
+                "SELECT id FROM certificates WHERE substr(id, 1, ?) = ? LIMIT 2",
+                (len(hex_target), hex_target),
+            ).fetchall()
+            if len(rows) == 1:
+                return [rows[0]["id"]]
+            if rows:
+                raise UnknownTarget(
+                    f"certificate id prefix {hex_target!r} matches several certificates; "
+                    "give more characters"
+                )
+        raise UnknownTarget(
+            f"{target!r} is neither a thing name nor a certificate id (or a unique prefix of at "
+            "least 8 hex characters); list them with `fleet-broker list`"
+        )
+
+    def revoked_certificates(self) -> list[tuple[int, dt.datetime]]:
+        rows = self._query(
+            "SELECT serial, COALESCE(revoked_at, updated_at) AS revoked_at FROM certificates"
+            " WHERE status = 'REVOKED' ORDER BY revoked_at"
+        )
+        return [(int(row["serial"], 16), _utc(row["revoked_at"])) for row in rows]
+
+    # --- ownership tokens (only their SHA-256 is stored)
+
+    def add_ownership_token(self, certificate_id: str, token: str, expires_at: dt.datetime) -> None:
+        expires = _timestamp(expires_at)
+        with self._transaction() as db:
+            if self._certificate_row(db, certificate_id) is None:
+                raise UnknownCertificate(f"no certificate with id {certificate_id}")
+            db.execute(
+                "INSERT INTO ownership_tokens (token_hash, certificate_id, expires_at)"
+                " VALUES (?, ?, ?)",
+                (hash_token(token), certificate_id.lower(), expires),
+            )
+
+    def consume_ownership_token(self, token: str, *, now: dt.datetime | None = None) -> str:
+        """Mark the token used and return its certificate id; each token works once."""
+        moment = time.time() if now is None else _timestamp(now)
+        token_hash = hash_token(token)
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT certificate_id, expires_at, used_at FROM ownership_tokens"
+                " WHERE token_hash = ?",
+                (token_hash,),
+            ).fetchone()
+            if row is None:
+                raise InvalidOwnershipToken("unknown")
+            if row["used_at"] is not None:
+                raise InvalidOwnershipToken("used")
+            if row["expires_at"] <= moment:
+                raise InvalidOwnershipToken("expired")
+            db.execute(
+                "UPDATE ownership_tokens SET used_at = ? WHERE token_hash = ?",
+                (moment, token_hash),
+            )
+            return str(row["certificate_id"])
+
+    def purge_expired(self, now: dt.datetime) -> list[str]:
+        """Delete PENDING_ACTIVATION certificates whose tokens all expired unused (AWS: 1 h)."""
+        moment = _timestamp(now)
+        with self._transaction() as db:
+            rows = db.execute(
+                "SELECT c.id FROM certificates c WHERE c.status = 'PENDING_ACTIVATION'"
+                " AND EXISTS (SELECT 1 FROM ownership_tokens t WHERE t.certificate_id = c.id)"
+                " AND NOT EXISTS (SELECT 1 FROM ownership_tokens t WHERE t.certificate_id = c.id"
+                "  AND (t.used_at IS NOT NULL OR t.expires_at > ?))",
+                (moment,),
+            ).fetchall()
+            ids = [row["id"] for row in rows]
+            db.executemany("DELETE FROM certificates WHERE id = ?", [(i,) for i in ids])
+        return ids
