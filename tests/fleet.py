@@ -100,6 +100,7 @@ class Client:
         self.disconnected = threading.Event()
         self.disconnect_reason: object = None
         self._subacks: dict[int, list] = {}
+        self.pubacks: dict[int, object] = {}
         self._suback_event = threading.Condition()
         self.paho = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
         self.paho.tls_set_context(env.tls(creds))
@@ -107,6 +108,7 @@ class Client:
         self.paho.on_disconnect = self._on_disconnect
         self.paho.on_message = lambda _c, _u, m: self.received.add(m)
         self.paho.on_subscribe = self._on_subscribe
+        self.paho.on_publish = self._on_publish
         if will is not None:
             topic, payload, user_properties = will
             props = Properties(PacketTypes.WILLMESSAGE)
@@ -126,6 +128,9 @@ class Client:
     def _on_disconnect(self, _c, _u, _flags, reason, _props) -> None:
         self.disconnect_reason = reason
         self.disconnected.set()
+
+    def _on_publish(self, _c, _u, mid, reason, _props) -> None:
+        self.pubacks[mid] = reason
 
     def _on_subscribe(self, _c, _u, mid, reasons, _props) -> None:
         with self._suback_event:
@@ -176,7 +181,14 @@ class Client:
         info = self.paho.publish(topic, payload, qos=qos, retain=retain, properties=props)
         if qos:
             info.wait_for_publish(5)
+            deadline = time.monotonic() + 5
+            while info.mid not in self.pubacks and time.monotonic() < deadline:
+                time.sleep(0.01)
         return info
+
+    def puback(self, info: mqtt.MQTTMessageInfo) -> object:
+        """The PUBACK reason code the broker sent for a QoS 1 publish."""
+        return self.pubacks.get(info.mid)
 
     def stop(self) -> None:
         with contextlib.suppress(Exception):
@@ -205,6 +217,10 @@ class Fleet:
         self.stack = Stack(self.config, with_services=services)
         self.ca = CertificateAuthority.load(self.pki)
         self.claim = Credentials(self.pki.claim_cert, self.pki.claim_key)
+        with self.registry() as registry:
+            self.claim_certificate_id = next(
+                r.id for r in registry.list_certificates(role=CertificateRole.CLAIM)
+            )
         self.service = Credentials(self.pki.service_cert, self.pki.service_key)
         self._clients: list[Client] = []
         self._serial = 0

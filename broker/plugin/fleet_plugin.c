@@ -432,6 +432,7 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
 			if(existing && existing->role != ROLE_SERVICE){
 				return refuse(client_id, cert_id, "client id in use by another identity");
 			}
+			if(service_id && !strcmp(client_id, service_id)) break; /* reserved for it */
 			switch(thing_exists(client_id)){
 				case 1: return refuse(client_id, cert_id, "client id is a registered thing's name");
 				case 0: break;
