@@ -88,9 +88,12 @@ def cmd_down(args: argparse.Namespace) -> int:
         return EXIT_OK
     os.kill(state.supervisor_pid, signal.SIGTERM)
     deadline = time.monotonic() + 20
-    while pid_alive(state.supervisor_pid) and time.monotonic() < deadline:
+    # `up` removes the state file as its last act; its pid may linger as an unreaped zombie.
+    while files.state.exists() and pid_alive(state.supervisor_pid):
+        if time.monotonic() > deadline:
+            break
         time.sleep(0.1)
-    if pid_alive(state.supervisor_pid):
+    if files.state.exists() and pid_alive(state.supervisor_pid):
         raise CommandError(f"pid {state.supervisor_pid} did not stop within 20 s; kill it")
     print("stopped")
     return EXIT_OK
@@ -153,7 +156,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_revoke(args: argparse.Namespace) -> int:
     revoked = bootstrap.revoke(args.dir, args.target)
     for record in revoked:
-        owner = f"thing {record.thing_name}" if record.thing_name else record.role
+        owner = f"thing {record.thing_name}" if record.thing_name else record.role.value
         print(f"revoked certificate {record.id[:16]}… ({owner})")
     state = RunningState.read(RunFiles(_config(args).run_dir))
     if state is None or not pid_alive(state.mosquitto_pid):
@@ -169,7 +172,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     client.publish(wire.CONTROL_TOPIC, payload, qos=1).wait_for_publish(5)
     disconnect(client)
     os.kill(state.mosquitto_pid, signal.SIGHUP)  # reload the CRL for new TLS handshakes
-    print("disconnected any live connection using them; the broker reloaded the CRL")
+    print("disconnected any live connection using them; the broker is reloading the CRL")
     return EXIT_OK
 
 
@@ -197,7 +200,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
         print(f"{'CERTIFICATE ID':<18} {'ROLE':<8} {'STATUS':<19} {'THING / LABEL':<32} EXPIRES")
         for r in records:
             print(
-                f"{r.id[:16]:<18} {r.role:<8} {r.status:<19} "
+                f"{r.id[:16]:<18} {r.role.value:<8} {r.status.value:<19} "
                 f"{(r.thing_name or r.label or '-'):<32} {r.not_after:%Y-%m-%d}"
             )
         print(f"{len(records)} certificate(s)")

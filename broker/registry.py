@@ -649,7 +649,7 @@ class SQLiteRegistry:
                 )
         raise UnknownTarget(
             f"{target!r} is neither a thing name nor a certificate id (or a unique prefix of at "
-            "least 8 hex characters); list them with `fleet-broker list`"
+            "least 8 hex characters); list them with `fleet-broker things` or `fleet-broker certs`"
         )
 
     def revoked_certificates(self) -> list[tuple[int, dt.datetime]]:
