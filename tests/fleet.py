@@ -4,7 +4,6 @@ paho-mqtt clients over mutual TLS. Nothing here mocks the broker or TLS."""
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import ssl
 import tempfile
@@ -300,11 +299,3 @@ def running_fleet(*, services: bool) -> Iterator[Fleet]:
     finally:
         fleet.close_clients()
         fleet.stack.stop()
-
-
-def pid_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True

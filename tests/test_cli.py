@@ -42,6 +42,7 @@ from broker.pki import (
     write_public_file,
 )
 from broker.registry import CertificateRole, CertificateStatus
+from broker.stack import pid_alive
 from tests.fleet import free_port, make_workdir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,14 +97,6 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str]) -> str:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     return lines[0]
-
-
-def pid_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def run_state(certs: Path) -> dict:
@@ -169,7 +162,7 @@ class Up:
                 self.process.wait()
         for key in ("mosquitto_pid", "services_pid"):
             pid = self.state.get(key, 0)
-            if pid and pid_exists(pid):
+            if pid and pid_alive(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(pid, signal.SIGKILL)  # each runs in its own session
         for stream in (self.process.stdout, self.process.stderr):
@@ -431,7 +424,7 @@ def assert_status_running(up: Up) -> None:
 def assert_stopped_cleanly(up: Up) -> None:
     assert up.process.wait(STOP_TIMEOUT) == 0, up.stderr()
     for key in ("mosquitto_pid", "services_pid"):
-        assert not pid_exists(up.state[key]), f"{key} {up.state[key]} outlived `up`"
+        assert not pid_alive(up.state[key]), f"{key} {up.state[key]} outlived `up`"
     assert not (up.certs / "run" / "fleet-broker.json").exists()
     assert status_not_running(up.certs)
 
@@ -440,7 +433,7 @@ def assert_stopped_cleanly(up: Up) -> None:
 def test_up_status_connect_and_stop_by_signal(certs: Path, signum: signal.Signals) -> None:
     with fleet_up(certs) as up:
         assert up.state["port"] == up.port
-        assert pid_exists(up.state["mosquitto_pid"]) and pid_exists(up.state["services_pid"])
+        assert pid_alive(up.state["mosquitto_pid"]) and pid_alive(up.state["services_pid"])
         assert_status_running(up)
 
         paths = PkiPaths(certs)
