@@ -7,6 +7,7 @@ field names are wire facts (see shared/reference/aws-iot-mqtt-api.md).
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Final, Literal
 
@@ -103,3 +104,53 @@ PROPERTY_REPLY_TO: Final = "fleet-reply-to"
 
 #: Plugin control topic (Mosquitto ``$CONTROL/<feature>/<version>``); service identity only.
 CONTROL_TOPIC: Final = "$CONTROL/fleet/v1"
+
+
+# ---------------------------------------------------------------------- parsing & codecs
+
+ProvisioningOperation = Literal["create-from-csr", "create", "register-thing"]
+
+
+def parse_provisioning_request(
+    topic: str,
+) -> tuple[ProvisioningOperation, str | None, PayloadFormat] | None:
+    """(operation, template name or None, payload format) of a provisioning request topic."""
+    parts = topic.split("/")
+    if (
+        len(parts) == 4
+        and parts[:2] == ["$aws", "certificates"]
+        and parts[2] in ("create-from-csr", "create")
+        and parts[3] in PAYLOAD_FORMATS
+    ):
+        return parts[2], None, parts[3]  # type: ignore[return-value]
+    if (
+        len(parts) == 5
+        and parts[:2] == ["$aws", "provisioning-templates"]
+        and parts[3] == "provision"
+        and parts[4] in PAYLOAD_FORMATS
+    ):
+        return "register-thing", parts[2], parts[4]  # type: ignore[return-value]
+    return None
+
+
+def encode(document: object, fmt: PayloadFormat = "json") -> bytes:
+    if fmt == "cbor":
+        import cbor2
+
+        return cbor2.dumps(document)
+    return json.dumps(document, separators=(",", ":")).encode()
+
+
+def decode(payload: bytes, fmt: PayloadFormat = "json") -> object:
+    """Raises ValueError on a payload that is not valid in its format."""
+    if fmt == "cbor":
+        import cbor2
+
+        try:
+            return cbor2.loads(payload)
+        except Exception as exc:  # cbor2 raises several types for bad input
+            raise ValueError(f"not valid CBOR: {exc}") from None
+    try:
+        return json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"not valid JSON: {exc}") from None

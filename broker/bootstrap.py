@@ -36,6 +36,7 @@ from broker.registry import (
     InvalidName,
     SQLiteRegistry,
 )
+from broker.templates import write_default_template
 
 BROKER_USER = "mosquitto"
 CLAIM_BATCH_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -58,6 +59,11 @@ device_validity_days = 365
 
 [services]
 client_id = "fleet-services"
+
+[provisioning]
+templates_dir = "templates"  # <name>.json AWS provisioning templates, <name>.hook.json hooks
+allow_create_keys_and_certificate = false  # keys made by the broker: off, use CSRs
+ownership_token_lifetime_seconds = 3600
 """
 
 
@@ -191,6 +197,7 @@ def initialize(
         )
     if not paths.broker_config.exists():
         write_public_file(paths.broker_config, DEFAULT_BROKER_CONFIG.encode())
+    write_default_template(paths.root / "templates")  # never overwrites an edited one
     # Last: ca.key marks a complete PKI, so an interrupted init can simply be run again.
     write_private_key(paths.ca_key, ca.private_key)
     return paths

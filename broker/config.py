@@ -31,6 +31,9 @@ class BrokerConfig:
     run_dir: Path = field(default=Path("run"))
     device_validity_days: int = 365
     services_client_id: str = "fleet-services"
+    templates_dir: Path = field(default=Path("templates"))
+    allow_create_keys: bool = False
+    token_lifetime_seconds: int = 3600
 
     @property
     def connect_host(self) -> str:
@@ -49,6 +52,11 @@ _SCHEMA: dict[str, dict[str, tuple[str, type]]] = {
     },
     "certificates": {"device_validity_days": ("device_validity_days", int)},
     "services": {"client_id": ("services_client_id", str)},
+    "provisioning": {
+        "templates_dir": ("templates_dir", str),
+        "allow_create_keys_and_certificate": ("allow_create_keys", bool),
+        "ownership_token_lifetime_seconds": ("token_lifetime_seconds", int),
+    },
 }
 
 
@@ -71,8 +79,13 @@ def load_config(pki_dir: Path, config_file: Path | None = None, **overrides: Any
         raise ConfigError(f"{path}: no such config file")
     values.update({k: v for k, v in overrides.items() if v is not None})
     run_dir = Path(values.pop("run_dir", "run"))
+    templates_dir = Path(values.pop("templates_dir", "templates"))
     config = BrokerConfig(pki_dir=pki_dir, **values)
-    config = replace(config, run_dir=run_dir if run_dir.is_absolute() else pki_dir / run_dir)
+    config = replace(
+        config,
+        run_dir=run_dir if run_dir.is_absolute() else pki_dir / run_dir,
+        templates_dir=templates_dir if templates_dir.is_absolute() else pki_dir / templates_dir,
+    )
     _validate(path, config)
     return config
 
@@ -89,7 +102,8 @@ def _flatten(path: Path, document: dict[str, Any]) -> dict[str, Any]:
                 known = ", ".join(schema)
                 raise ConfigError(f"{path}: unknown key {section}.{key}; known keys: {known}")
             attribute, expected = schema[key]
-            if not isinstance(value, expected) or isinstance(value, bool):
+            bool_for_int = expected is not bool and isinstance(value, bool)
+            if not isinstance(value, expected) or bool_for_int:
                 raise ConfigError(
                     f"{path}: {section}.{key} must be a {expected.__name__}, got {value!r}"
                 )
@@ -108,6 +122,10 @@ def _validate(path: Path, config: BrokerConfig) -> None:
         raise ConfigError(f"{path}: broker.max_open_files must be at least 1024")
     if not 1 <= config.device_validity_days <= 3650:
         raise ConfigError(f"{path}: certificates.device_validity_days must be 1-3650")
+    if not 60 <= config.token_lifetime_seconds <= 7 * 24 * 3600:
+        raise ConfigError(
+            f"{path}: provisioning.ownership_token_lifetime_seconds must be 60-604800"
+        )
     if wire.THING_NAME_PATTERN.match(config.services_client_id) is None:
         raise ConfigError(
             f"{path}: services.client_id must be 1-128 characters of letters, digits, ':', '_', '-'"

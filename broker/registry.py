@@ -70,6 +70,12 @@ CREATE TABLE IF NOT EXISTS ownership_tokens (
 );
 CREATE INDEX IF NOT EXISTS ownership_tokens_certificate_id
     ON ownership_tokens(certificate_id);
+CREATE TABLE IF NOT EXISTS policy_attachments (
+    certificate_id TEXT NOT NULL REFERENCES certificates(id) ON DELETE CASCADE,
+    policy_name TEXT NOT NULL,
+    policy_document TEXT,
+    PRIMARY KEY (certificate_id, policy_name)
+);
 CREATE TABLE IF NOT EXISTS shadows (
     thing_name TEXT NOT NULL,
     shadow_name TEXT NOT NULL DEFAULT '',
@@ -148,6 +154,20 @@ class InvalidOwnershipToken(Exception):
 
 
 # --- records
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What a successful RegisterThing writes (see SQLiteRegistry.complete_registration)."""
+
+    token: str = field(repr=False)  # a secret: never in a repr or a log line
+    certificate_id: str
+    thing_name: str
+    certificate_status: CertificateStatus
+    attributes: Mapping[str, str] | None = None
+    thing_groups: Sequence[str] | None = None
+    thing_type: str | None = None
+    policies: Sequence[tuple[str, str | None]] = ()
 
 
 @dataclass(frozen=True)
@@ -268,6 +288,10 @@ class Registry(Protocol):
     ) -> None: ...
 
     def consume_ownership_token(self, token: str, *, now: dt.datetime | None = None) -> str: ...
+
+    def peek_ownership_token(self, token: str, *, now: dt.datetime | None = None) -> str: ...
+
+    def complete_registration(self, registration: Registration) -> Thing: ...
 
     def purge_expired(self, now: dt.datetime) -> list[str]: ...
 
@@ -672,27 +696,78 @@ class SQLiteRegistry:
                 (hash_token(token), certificate_id.lower(), expires),
             )
 
+    @staticmethod
+    def _valid_token_row(db: sqlite3.Connection, token: str, moment: float) -> sqlite3.Row:
+        row = db.execute(
+            "SELECT token_hash, certificate_id, expires_at, used_at FROM ownership_tokens"
+            " WHERE token_hash = ?",
+            (hash_token(token),),
+        ).fetchone()
+        if row is None:
+            raise InvalidOwnershipToken("unknown")
+        if row["used_at"] is not None:
+            raise InvalidOwnershipToken("used")
+        if row["expires_at"] <= moment:
+            raise InvalidOwnershipToken("expired")
+        return row
+
+    def peek_ownership_token(self, token: str, *, now: dt.datetime | None = None) -> str:
+        """The certificate id of a valid token, without using it up."""
+        moment = time.time() if now is None else _timestamp(now)
+        with self._lock:
+            return str(self._valid_token_row(self._db, token, moment)["certificate_id"])
+
     def consume_ownership_token(self, token: str, *, now: dt.datetime | None = None) -> str:
         """Mark the token used and return its certificate id; each token works once."""
         moment = time.time() if now is None else _timestamp(now)
-        token_hash = hash_token(token)
         with self._transaction() as db:
-            row = db.execute(
-                "SELECT certificate_id, expires_at, used_at FROM ownership_tokens"
-                " WHERE token_hash = ?",
-                (token_hash,),
-            ).fetchone()
-            if row is None:
-                raise InvalidOwnershipToken("unknown")
-            if row["used_at"] is not None:
-                raise InvalidOwnershipToken("used")
-            if row["expires_at"] <= moment:
-                raise InvalidOwnershipToken("expired")
+            row = self._valid_token_row(db, token, moment)
             db.execute(
                 "UPDATE ownership_tokens SET used_at = ? WHERE token_hash = ?",
-                (moment, token_hash),
+                (moment, row["token_hash"]),
             )
             return str(row["certificate_id"])
+
+    def complete_registration(self, registration: Registration) -> Thing:
+        """RegisterThing's effect, all or nothing: the token is used up, the thing created or
+        updated, the certificate attached with its new status and its policies recorded."""
+        r = registration
+        validate_thing_name(r.thing_name)
+        attrs = None if r.attributes is None else json.dumps(_check_attributes(r.attributes))
+        groups = None if r.thing_groups is None else json.dumps(_check_groups(r.thing_groups))
+        now = time.time()
+        with self._transaction() as db:
+            token_row = self._valid_token_row(db, r.token, now)
+            if token_row["certificate_id"] != r.certificate_id:
+                raise InvalidOwnershipToken("unknown")
+            db.execute(
+                "UPDATE ownership_tokens SET used_at = ? WHERE token_hash = ?",
+                (now, token_row["token_hash"]),
+            )
+            db.execute(
+                "INSERT INTO things"
+                " (name, attributes, thing_groups, thing_type, version, created_at, updated_at)"
+                " VALUES (?, COALESCE(?, '{}'), COALESCE(?, '[]'), ?, 1, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET"
+                "  attributes = COALESCE(?, attributes),"
+                "  thing_groups = COALESCE(?, thing_groups),"
+                "  thing_type = COALESCE(?, thing_type),"
+                "  version = version + 1,"
+                "  updated_at = ?",
+                (r.thing_name, attrs, groups, r.thing_type, now, now, attrs, groups,
+                 r.thing_type, now),
+            )
+            db.execute(
+                "UPDATE certificates SET thing_name = ?, status = ?, updated_at = ? WHERE id = ?",
+                (r.thing_name, r.certificate_status.value, now, r.certificate_id),
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO policy_attachments"
+                " (certificate_id, policy_name, policy_document) VALUES (?, ?, ?)",
+                [(r.certificate_id, name, document) for name, document in r.policies],
+            )
+            row = db.execute("SELECT * FROM things WHERE name = ?", (r.thing_name,)).fetchone()
+        return _thing(row)
 
     def purge_expired(self, now: dt.datetime) -> list[str]:
         """Delete PENDING_ACTIVATION certificates whose tokens all expired unused (AWS: 1 h)."""

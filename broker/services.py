@@ -12,6 +12,7 @@ to the one connection that asked (``Responder.reply``).
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -29,63 +30,36 @@ from paho.mqtt.properties import Properties
 
 from agent import wire
 from broker.config import BrokerConfig, ConfigError, load_config
+from broker.hooks import HookConfigError, load_hooks
+from broker.identity import Request, sender_of
 from broker.mosquitto import RunFiles
 from broker.mqtt import ConnectError, connect, tls_context
-from broker.pki import PkiPaths
+from broker.pki import CertificateAuthority, PkiError, PkiPaths
+from broker.provisioning import ProvisioningService, ProvisioningSettings
+from broker.registry import SQLiteRegistry
+from broker.templates import TemplateLoadError, load_templates, write_default_template
 
 log = logging.getLogger("fleet.services")
 
 SESSION_EXPIRY_SECONDS = 7 * 24 * 3600
 
 
-@dataclass(frozen=True)
-class Sender:
-    """Who sent a request, as the broker plugin attests it."""
-
-    client_id: str
-    connection: str
-    role: str
-    certificate_id: str
-    thing: str | None
-
-
-@dataclass(frozen=True)
-class Request:
-    topic: str
-    payload: bytes
-    sender: Sender
-
-
-def sender_of(message: mqtt.MQTTMessage) -> Sender | None:
-    user = dict(getattr(message.properties, "UserProperty", None) or [])
-    try:
-        return Sender(
-            client_id=user[wire.PROPERTY_CLIENT_ID],
-            connection=user[wire.PROPERTY_CONNECTION],
-            role=user[wire.PROPERTY_ROLE],
-            certificate_id=user[wire.PROPERTY_CERTIFICATE_ID],
-            thing=user.get(wire.PROPERTY_THING),
-        )
-    except KeyError:
-        return None
-
-
 class Responder:
     def __init__(self, client: mqtt.Client) -> None:
         self._client = client
 
-    def reply(self, request: Request, topic: str, document: dict[str, object]) -> None:
+    def reply(self, request: Request, topic: str, payload: bytes) -> None:
         """Deliver to the connection that sent ``request`` only (QoS 1)."""
         properties = Properties(PacketTypes.PUBLISH)
         properties.UserProperty = [
             (wire.PROPERTY_REPLY_TO, request.sender.client_id),
             (wire.PROPERTY_CONNECTION, request.sender.connection),
         ]
-        self._client.publish(topic, json.dumps(document), qos=1, properties=properties)
+        self._client.publish(topic, payload, qos=1, properties=properties)
 
-    def publish(self, topic: str, document: dict[str, object]) -> None:
+    def publish(self, topic: str, payload: bytes) -> None:
         """An ordinary publish: every subscriber the policy lets receive it gets it."""
-        self._client.publish(topic, json.dumps(document), qos=1)
+        self._client.publish(topic, payload, qos=1)
 
 
 Handler = Callable[[Request, Responder], None]
@@ -95,12 +69,20 @@ class FleetServices:
     def __init__(self, config: BrokerConfig) -> None:
         self.config = config
         self.files = RunFiles(config.run_dir)
-        self._routes: list[tuple[str, Handler]] = []
+        self._routes: list[tuple[str, Handler, bool]] = []
         self._stop = threading.Event()
         self._unrouted: set[str] = set()
+        # Handlers that may block (a pre-provisioning hook may take 5 s) run here, so one slow
+        # request never stalls the others. Order-sensitive handlers run inline.
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fleet-worker")
+        self._periodic: list[list] = []
 
-    def route(self, topic_filter: str, handler: Handler) -> None:
-        self._routes.append((topic_filter, handler))
+    def route(self, topic_filter: str, handler: Handler, *, may_block: bool = False) -> None:
+        self._routes.append((topic_filter, handler, may_block))
+
+    def every(self, seconds: float, task: Callable[[], None]) -> None:
+        """Run ``task`` periodically on the service's own loop."""
+        self._periodic.append([seconds, time.monotonic() + seconds, task])
 
     def stop(self) -> None:
         self._stop.set()
@@ -113,16 +95,23 @@ class FleetServices:
             log.warning("dropped a message on %s without broker identity", message.topic)
             return
         request = Request(message.topic, message.payload, sender)
-        for topic_filter, handler in self._routes:
+        for topic_filter, handler, may_block in self._routes:
             if mqtt.topic_matches_sub(topic_filter, message.topic):
-                try:
-                    handler(request, Responder(client))
-                except Exception:  # one bad request must never stop the service
-                    log.exception("handler for %s failed", message.topic)
+                if may_block:
+                    self._pool.submit(self._run, handler, request, Responder(client))
+                else:
+                    self._run(handler, request, Responder(client))
                 return
         if message.topic not in self._unrouted:
             self._unrouted.add(message.topic)
             log.warning("no service handles %s yet", message.topic)
+
+    @staticmethod
+    def _run(handler: Handler, request: Request, responder: Responder) -> None:
+        try:
+            handler(request, responder)
+        except Exception:  # one bad request must never stop the service
+            log.exception("handler for %s failed", request.topic)
 
     def run(self) -> None:
         pki = PkiPaths(self.config.pki_dir)
@@ -140,11 +129,56 @@ class FleetServices:
         log.info("connected as %s; ready", self.config.services_client_id)
         try:
             while not self._stop.wait(1.0):
-                pass
+                now = time.monotonic()
+                for entry in self._periodic:
+                    if now >= entry[1]:
+                        entry[1] = now + entry[0]
+                        try:
+                            entry[2]()
+                        except Exception:
+                            log.exception("periodic task failed")
         finally:
             client.disconnect()
             client.loop_stop()
+            self._pool.shutdown(wait=False, cancel_futures=True)
             self.files.services_ready.unlink(missing_ok=True)
+
+
+def install_provisioning(services: FleetServices, config: BrokerConfig) -> None:
+    """Fleet Provisioning: templates and hooks from the templates folder, the CA, the registry."""
+    pki = PkiPaths(config.pki_dir)
+    if not config.templates_dir.exists():
+        write_default_template(config.templates_dir)
+    templates = load_templates(config.templates_dir)
+    hooks = load_hooks(config.templates_dir, list(templates))
+    registry = SQLiteRegistry.open(pki.registry)
+    service = ProvisioningService(
+        registry,
+        CertificateAuthority.load(pki),
+        templates,
+        hooks,
+        ProvisioningSettings(
+            device_validity_days=config.device_validity_days,
+            token_lifetime=dt.timedelta(seconds=config.token_lifetime_seconds),
+            allow_server_generated_keys=config.allow_create_keys,
+            reserved_thing_names=frozenset({config.services_client_id}),
+        ),
+    )
+
+    def handle(request: Request, responder: Responder) -> None:
+        topic, payload = service.handle(request.topic, request.payload, request.sender)
+        responder.reply(request, topic, payload)
+
+    for topic_filter in wire.PROVISIONING_REQUEST_FILTERS:
+        services.route(topic_filter, handle, may_block=True)
+
+    def purge() -> None:
+        removed = registry.purge_expired(dt.datetime.now(dt.timezone.utc))
+        if removed:
+            log.info("removed %d certificate(s) never activated in time", len(removed))
+
+    services.every(60, purge)
+    log.info("provisioning: templates %s", ", ".join(sorted(templates)) or "(none)")
 
 
 def _write_ready(path: Path) -> None:
@@ -170,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     services = FleetServices(config)
+    try:
+        install_provisioning(services, config)
+    except (TemplateLoadError, HookConfigError, PkiError) as exc:
+        log.error("%s", exc)
+        return 1
     signal.signal(signal.SIGTERM, lambda *_: services.stop())
     signal.signal(signal.SIGINT, lambda *_: services.stop())
     try:

@@ -1,0 +1,309 @@
+"""Fleet Provisioning by claim: the service half of agent/provisioning.py.
+
+Answers CreateCertificateFromCsr, CreateKeysAndCertificate and RegisterThing exactly as AWS IoT
+Core's MQTT API does (shared/reference/aws-iot-mqtt-api.md, section 1). Every failure is an
+AWS-style rejection; nothing a device sends can crash or stall the service. Ownership tokens
+and generated private keys exist only in the reply, never in a log line or on disk (the
+registry keeps a token's hash).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+
+from agent import wire
+from broker.csr import validate_csr
+from broker.hooks import Hook, HookInput
+from broker.identity import Sender
+from broker.pki import CertificateAuthority, certificate_pem, generate_private_key
+from broker.registry import (
+    CertificateRole,
+    CertificateStatus,
+    InvalidOwnershipToken,
+    Registration,
+    SQLiteRegistry,
+)
+from broker.rejection import (
+    Rejection,
+    access_denied,
+    conflict,
+    internal,
+    invalid_payload,
+    invalid_token,
+    not_found,
+    too_large,
+)
+from broker.templates import ProvisioningPlan, Template, evaluate
+
+log = logging.getLogger("fleet.provisioning")
+
+MAX_PAYLOAD_BYTES = 65536
+TOKEN_MESSAGES = {
+    "unknown": "Certificate ownership token is invalid.",
+    "used": "Certificate ownership token has already been used.",
+    "expired": "Certificate ownership token has expired.",
+}
+
+
+@dataclass(frozen=True)
+class ProvisioningSettings:
+    device_validity_days: int = 365
+    token_lifetime: dt.timedelta = dt.timedelta(hours=1)
+    allow_server_generated_keys: bool = False
+    reserved_thing_names: frozenset[str] = frozenset()
+    region: str = "local"
+    account: str = "000000000000"
+
+
+class ProvisioningService:
+    def __init__(
+        self,
+        registry: SQLiteRegistry,
+        ca: CertificateAuthority,
+        templates: Mapping[str, Template],
+        hooks: Mapping[str, Hook],
+        settings: ProvisioningSettings,
+        *,
+        clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc),
+    ) -> None:
+        self.registry = registry
+        self.ca = ca
+        self.templates = dict(templates)
+        self.hooks = dict(hooks)
+        self.settings = settings
+        self.clock = clock
+
+    # ----------------------------------------------------------------- dispatch
+
+    def handle(self, topic: str, payload: bytes, caller: Sender) -> tuple[str, bytes]:
+        """One request in, one (reply topic, payload) out: accepted or rejected."""
+        parsed = wire.parse_provisioning_request(topic)
+        if parsed is None:
+            raise ValueError(f"not a provisioning request topic: {topic}")
+        operation, template_name, fmt = parsed
+        try:
+            document = self._decode(payload, fmt)
+            if operation == "create-from-csr":
+                answer = self.create_certificate_from_csr(document, caller)
+            elif operation == "create":
+                answer = self.create_keys_and_certificate(caller)
+            else:
+                assert template_name is not None
+                answer = self.register_thing(template_name, document, caller)
+            return wire.reply(topic, "accepted"), wire.encode(answer, fmt)
+        except Rejection as rejection:
+            log.info(
+                "%s from %s rejected: %s %s",
+                operation,
+                caller.client_id,
+                rejection.error_code,
+                rejection.error_message,
+            )
+            return wire.reply(topic, "rejected"), wire.encode(rejection.document(), fmt)
+        except Exception:  # a bug of ours must still get the device an answer
+            log.exception("%s from %s failed", operation, caller.client_id)
+            rejection = internal("Internal service failure")
+            return wire.reply(topic, "rejected"), wire.encode(rejection.document(), fmt)
+
+    @staticmethod
+    def _decode(payload: bytes, fmt: wire.PayloadFormat) -> dict[str, Any]:
+        if len(payload) > MAX_PAYLOAD_BYTES:
+            raise too_large(f"Payload exceeds the maximum of {MAX_PAYLOAD_BYTES} bytes.")
+        if not payload.strip():
+            return {}
+        try:
+            document = wire.decode(payload, fmt)
+        except ValueError as exc:
+            raise invalid_payload(f"Payload is {exc}") from None
+        if not isinstance(document, dict):
+            raise invalid_payload("Payload must be a JSON object.")
+        return document
+
+    # ------------------------------------------------------------ certificates
+
+    def _issue(self, certificate: Any) -> dict[str, str]:
+        record = self.registry.add_certificate(
+            certificate, role=CertificateRole.DEVICE, status=CertificateStatus.PENDING_ACTIVATION
+        )
+        token = secrets.token_urlsafe(32)  # 256 bits
+        self.registry.add_ownership_token(
+            record.id, token, self.clock() + self.settings.token_lifetime
+        )
+        return {
+            "certificateId": record.id,
+            "certificatePem": certificate_pem(certificate).decode(),
+            "certificateOwnershipToken": token,
+        }
+
+    def create_certificate_from_csr(self, document: dict[str, Any], caller: Sender) -> dict:
+        csr_pem = document.get("certificateSigningRequest")
+        if csr_pem is None:
+            raise invalid_payload("Missing required field: certificateSigningRequest.")
+        csr = validate_csr(csr_pem)
+        certificate = self.ca.sign_csr(csr, days=self.settings.device_validity_days)
+        answer = self._issue(certificate)
+        log.info(
+            "issued certificate %s… to %s (%s)",
+            answer["certificateId"][:12],
+            caller.client_id,
+            caller.role,
+        )
+        return answer
+
+    def create_keys_and_certificate(self, caller: Sender) -> dict:
+        if not self.settings.allow_server_generated_keys:
+            raise access_denied(
+                "CreateKeysAndCertificate is disabled on this broker: keys should be made on the "
+                "device; use CreateCertificateFromCsr."
+            )
+        key = generate_private_key()
+        certificate = self.ca.issue(
+            key.public_key(),
+            common_name=f"device of {caller.client_id}"[:64],
+            days=self.settings.device_validity_days,
+            purpose="client",
+        )
+        answer = self._issue(certificate)
+        answer["privateKey"] = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ).decode()
+        log.info(
+            "issued keys and certificate %s… to %s", answer["certificateId"][:12], caller.client_id
+        )
+        return answer
+
+    # ------------------------------------------------------------- registration
+
+    def register_thing(self, template_name: str, document: dict[str, Any], caller: Sender) -> dict:
+        template = self.templates.get(template_name)
+        if template is None:
+            raise not_found(f"Provisioning template {template_name} does not exist.")
+        token = document.get("certificateOwnershipToken")
+        if not isinstance(token, str) or not token:
+            raise invalid_token("Certificate ownership token cannot be empty.")
+        parameters = document.get("parameters", {})
+        if not isinstance(parameters, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in parameters.items()
+        ):
+            raise invalid_payload("parameters must be an object of string values.")
+        try:
+            certificate_id = self.registry.peek_ownership_token(token, now=self.clock())
+        except InvalidOwnershipToken as exc:
+            raise invalid_token(TOKEN_MESSAGES[exc.reason]) from None
+        record = self.registry.get_certificate(certificate_id)
+        if record is None:
+            raise invalid_token(TOKEN_MESSAGES["unknown"])
+
+        hook = self.hooks.get(template_name)
+        if hook is not None:
+            overrides = hook.decide(
+                HookInput(
+                    claim_certificate_id=caller.certificate_id if caller.role == "claim" else None,
+                    certificate_id=certificate_id,
+                    certificate_pem=record.pem,
+                    template_arn=self._template_arn(template_name),
+                    client_id=caller.client_id,
+                    parameters=parameters,
+                )
+            )
+            parameters = {**parameters, **overrides}
+
+        plan = evaluate(template, parameters, certificate_id=certificate_id)
+        registration = self._registration(plan, token, certificate_id, caller)
+        try:
+            thing = self.registry.complete_registration(registration)
+        except InvalidOwnershipToken as exc:  # used up concurrently
+            raise invalid_token(TOKEN_MESSAGES[exc.reason]) from None
+        log.info(
+            "registered thing %s with certificate %s… (%s)",
+            thing.name,
+            certificate_id[:12],
+            registration.certificate_status.value,
+        )
+        return {"thingName": thing.name, "deviceConfiguration": dict(plan.device_configuration)}
+
+    def _template_arn(self, name: str) -> str:
+        s = self.settings
+        return f"arn:aws:iot:{s.region}:{s.account}:provisioningtemplate/{name}"
+
+    def _registration(
+        self, plan: ProvisioningPlan, token: str, certificate_id: str, caller: Sender
+    ) -> Registration:
+        if plan.thing is None:
+            raise Rejection(400, "InvalidParameters", "The template creates no AWS::IoT::Thing.")
+        name = plan.thing.name
+        if name in self.settings.reserved_thing_names:
+            raise conflict(f"Thing name {name} is reserved.")
+        if caller.role == "device" and caller.thing != name:
+            raise access_denied("A device may only register certificates for its own thing.")
+        existing = self.registry.get_thing(name)
+        attributes: Mapping[str, str] | None = dict(plan.thing.attributes)
+        groups: list[str] | None = list(plan.thing.thing_groups)
+        thing_type = plan.thing.thing_type
+        if existing is not None:
+            active = [
+                c
+                for c in self.registry.list_certificates(thing_name=name)
+                if c.status is CertificateStatus.ACTIVE and c.id != certificate_id
+            ]
+            # A shared claim certificate must not let one device take over another's thing:
+            # only that thing's own identity (renewal) may add a certificate to a live thing.
+            if active and caller.thing != name:
+                raise conflict(f"Thing {name} already exists with an active certificate.")
+            attributes, groups, thing_type = self._apply_overrides(plan, existing)
+        status = CertificateStatus.ACTIVE
+        if plan.certificate is not None and plan.certificate.status.upper() == "INACTIVE":
+            status = CertificateStatus.INACTIVE
+        return Registration(
+            token=token,
+            certificate_id=certificate_id,
+            thing_name=name,
+            certificate_status=status,
+            attributes=attributes,
+            thing_groups=groups,
+            thing_type=thing_type,
+            policies=[
+                (p.name or p.logical_id, json.dumps(p.document) if p.document else None)
+                for p in plan.policies
+            ],
+        )
+
+    @staticmethod
+    def _apply_overrides(
+        plan: ProvisioningPlan, existing: Any
+    ) -> tuple[Mapping[str, str] | None, list[str] | None, str | None]:
+        """AWS OverrideSettings for an existing thing; unspecified means DO_NOTHING."""
+        assert plan.thing is not None
+        overrides = plan.thing.overrides
+        name = plan.thing.name
+
+        def setting(prop: str) -> str:
+            value = overrides.get(prop, "DO_NOTHING").upper()
+            if value == "FAIL":
+                raise conflict(f"Thing {name} exists and the template forbids changing {prop}.")
+            return value
+
+        attributes: Mapping[str, str] | None = None
+        match setting("AttributePayload"):
+            case "REPLACE":
+                attributes = dict(plan.thing.attributes)
+            case "MERGE":
+                attributes = {**existing.attributes, **plan.thing.attributes}
+        groups: list[str] | None = None
+        match setting("ThingGroups"):
+            case "REPLACE":
+                groups = list(plan.thing.thing_groups)
+            case "MERGE":
+                groups = list(dict.fromkeys([*existing.thing_groups, *plan.thing.thing_groups]))
+        thing_type = plan.thing.thing_type if setting("ThingTypeName") == "REPLACE" else None
+        return attributes, groups, thing_type
