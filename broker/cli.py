@@ -17,11 +17,13 @@ from pathlib import Path
 
 from broker import bootstrap
 from broker.config import ConfigError, load_config
+from broker.hooks import HookConfigError, load_hooks
 from broker.mosquitto import BrokerError, RunFiles
 from broker.mqtt import ConnectError, connect, disconnect, tls_context
 from broker.pki import PkiError, PkiPaths
 from broker.registry import SQLiteRegistry
 from broker.stack import RunningState, Stack, pid_alive
+from broker.templates import TemplateLoadError, load_templates
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
 
@@ -207,6 +209,27 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_templates(args: argparse.Namespace) -> int:
+    config = _config(args)
+    folder = config.templates_dir
+    if not folder.is_dir():
+        raise CommandError(f"no templates folder {folder}: run fleet-broker init --dir {args.dir}")
+    templates = load_templates(folder)
+    hooks = load_hooks(folder, list(templates))
+    print(f"{'TEMPLATE':<24} {'HOOK':<12} PARAMETERS")
+    for name, template in sorted(templates.items()):
+        parameters = []
+        for parameter, spec in template.body.get("Parameters", {}).items():
+            default = spec.get("Default") if isinstance(spec, dict) else None
+            parameters.append(parameter if default is None else f"{parameter}={default}")
+        hook = type(hooks[name]).__name__ if name in hooks else "-"
+        print(f"{name:<24} {hook:<12} {', '.join(parameters) or '-'}")
+        if template.description:
+            print(f"{'':<24} {template.description}")
+    print(f"{len(templates)} template(s) in {folder}")
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------------- parser
 
 
@@ -263,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("things", cmd_things, "list registered things")
     add("certs", cmd_certs, "list registered certificates with role and status")
+    add("templates", cmd_templates, "list the provisioning templates devices can register with")
     return parser
 
 
@@ -271,7 +295,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except (BrokerError, ConfigError, PkiError, CommandError, ConnectError) as exc:
+    except (
+        BrokerError,
+        ConfigError,
+        PkiError,
+        CommandError,
+        ConnectError,
+        TemplateLoadError,
+        HookConfigError,
+    ) as exc:
         print(f"fleet-broker: error: {exc}", file=sys.stderr)
     except (LookupError, ValueError) as exc:  # registry: unknown target, invalid name
         print(f"fleet-broker: error: {exc.args[0] if exc.args else exc}", file=sys.stderr)

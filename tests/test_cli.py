@@ -514,3 +514,12 @@ def test_revoke_disconnects_a_live_device_and_refuses_it_after(certs: Path, work
             device.stop()
             if retry is not None:
                 retry.stop()
+
+
+def test_templates_lists_the_default_and_names_a_broken_file(certs: Path) -> None:
+    listed = cli(certs, "templates")
+    assert listed.returncode == 0, listed.stderr
+    assert "fleet-default" in listed.stdout and "SerialNumber" in listed.stdout
+    (certs / "templates" / "broken.json").write_text("{not json")
+    line = assert_one_line_error(cli(certs, "templates"))
+    assert "broken.json" in line
