@@ -154,3 +154,25 @@ def decode(payload: bytes, fmt: PayloadFormat = "json") -> object:
         return json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"not valid JSON: {exc}") from None
+
+
+def parse_shadow_request(topic: str) -> tuple[str, str | None, ShadowOperation] | None:
+    """(thing, shadow name or None for the classic shadow, operation) of a shadow request."""
+    parts = topic.split("/")
+    if len(parts) < 5 or parts[0] != "$aws" or parts[1] != "things" or parts[3] != "shadow":
+        return None
+    operation = parts[-1]
+    if operation not in SHADOW_OPERATIONS:
+        return None
+    if len(parts) == 5:
+        return parts[2], None, operation  # type: ignore[return-value]
+    if len(parts) == 7 and parts[4] == "name":
+        return parts[2], parts[5], operation  # type: ignore[return-value]
+    return None
+
+
+def shadow_reply(
+    thing_name: str, operation: ShadowOperation, outcome: str, shadow_name: str | None = None
+) -> str:
+    """``<prefix>/<operation>/<accepted|rejected>``."""
+    return f"{shadow_topic(thing_name, operation, shadow_name)}/{outcome}"

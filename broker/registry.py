@@ -157,6 +157,15 @@ class InvalidOwnershipToken(Exception):
 
 
 @dataclass(frozen=True)
+class StoredShadow:
+    """A shadow row: its JSON document, or None for a deleted shadow (a tombstone)."""
+
+    document: str | None
+    version: int
+    deleted_at: float | None
+
+
+@dataclass(frozen=True)
 class Registration:
     """What a successful RegisterThing writes (see SQLiteRegistry.complete_registration)."""
 
@@ -292,6 +301,14 @@ class Registry(Protocol):
     def peek_ownership_token(self, token: str, *, now: dt.datetime | None = None) -> str: ...
 
     def complete_registration(self, registration: Registration) -> Thing: ...
+
+    def load_shadow(self, thing_name: str, shadow_name: str) -> StoredShadow | None: ...
+
+    def save_shadow(
+        self, thing_name: str, shadow_name: str, document: str, version: int
+    ) -> None: ...
+
+    def delete_shadow(self, thing_name: str, shadow_name: str, version: int) -> None: ...
 
     def purge_expired(self, now: dt.datetime) -> list[str]: ...
 
@@ -754,8 +771,18 @@ class SQLiteRegistry:
                 "  thing_type = COALESCE(?, thing_type),"
                 "  version = version + 1,"
                 "  updated_at = ?",
-                (r.thing_name, attrs, groups, r.thing_type, now, now, attrs, groups,
-                 r.thing_type, now),
+                (
+                    r.thing_name,
+                    attrs,
+                    groups,
+                    r.thing_type,
+                    now,
+                    now,
+                    attrs,
+                    groups,
+                    r.thing_type,
+                    now,
+                ),
             )
             db.execute(
                 "UPDATE certificates SET thing_name = ?, status = ?, updated_at = ? WHERE id = ?",
@@ -768,6 +795,39 @@ class SQLiteRegistry:
             )
             row = db.execute("SELECT * FROM things WHERE name = ?", (r.thing_name,)).fetchone()
         return _thing(row)
+
+    # --- shadows ('' is the classic shadow)
+
+    def load_shadow(self, thing_name: str, shadow_name: str) -> StoredShadow | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT document, version, deleted_at FROM shadows"
+                " WHERE thing_name = ? AND shadow_name = ?",
+                (thing_name, shadow_name),
+            ).fetchone()
+        if row is None:
+            return None
+        return StoredShadow(row["document"], row["version"], row["deleted_at"])
+
+    def save_shadow(self, thing_name: str, shadow_name: str, document: str, version: int) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO shadows (thing_name, shadow_name, document, version, deleted_at,"
+                " updated_at) VALUES (?, ?, ?, ?, NULL, ?)"
+                " ON CONFLICT (thing_name, shadow_name) DO UPDATE SET document = excluded.document,"
+                " version = excluded.version, deleted_at = NULL, updated_at = excluded.updated_at",
+                (thing_name, shadow_name, document, version, time.time()),
+            )
+
+    def delete_shadow(self, thing_name: str, shadow_name: str, version: int) -> None:
+        """Keep a tombstone: a shadow recreated soon after continues from ``version``."""
+        now = time.time()
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE shadows SET document = NULL, version = ?, deleted_at = ?, updated_at = ?"
+                " WHERE thing_name = ? AND shadow_name = ?",
+                (version, now, now, thing_name, shadow_name),
+            )
 
     def purge_expired(self, now: dt.datetime) -> list[str]:
         """Delete PENDING_ACTIVATION certificates whose tokens all expired unused (AWS: 1 h)."""

@@ -37,6 +37,7 @@ from broker.mqtt import ConnectError, connect, tls_context
 from broker.pki import CertificateAuthority, PkiError, PkiPaths
 from broker.provisioning import ProvisioningService, ProvisioningSettings
 from broker.registry import SQLiteRegistry
+from broker.shadow_service import ShadowService
 from broker.templates import TemplateLoadError, load_templates, write_default_template
 
 log = logging.getLogger("fleet.services")
@@ -144,14 +145,15 @@ class FleetServices:
             self.files.services_ready.unlink(missing_ok=True)
 
 
-def install_provisioning(services: FleetServices, config: BrokerConfig) -> None:
+def install_provisioning(
+    services: FleetServices, config: BrokerConfig, registry: SQLiteRegistry
+) -> None:
     """Fleet Provisioning: templates and hooks from the templates folder, the CA, the registry."""
     pki = PkiPaths(config.pki_dir)
     if not config.templates_dir.exists():
         write_default_template(config.templates_dir)
     templates = load_templates(config.templates_dir)
     hooks = load_hooks(config.templates_dir, list(templates))
-    registry = SQLiteRegistry.open(pki.registry)
     service = ProvisioningService(
         registry,
         CertificateAuthority.load(pki),
@@ -181,6 +183,17 @@ def install_provisioning(services: FleetServices, config: BrokerConfig) -> None:
     log.info("provisioning: templates %s", ", ".join(sorted(templates)) or "(none)")
 
 
+def install_shadow(services: FleetServices, registry: SQLiteRegistry) -> None:
+    """Device Shadow: handled in arrival order (inline), so one thing's updates never race."""
+    service = ShadowService(registry)
+
+    def handle(request: Request, responder: Responder) -> None:
+        service.handle(request.topic, request.payload, request.sender, responder.publish)
+
+    for topic_filter in wire.shadow_request_filters("+"):
+        services.route(topic_filter, handle)
+
+
 def _write_ready(path: Path) -> None:
     temporary = path.with_suffix(".tmp")
     temporary.write_text(json.dumps({"pid": os.getpid(), "since": time.time()}))
@@ -205,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     services = FleetServices(config)
     try:
-        install_provisioning(services, config)
+        registry = SQLiteRegistry.open(PkiPaths(config.pki_dir).registry)
+        install_provisioning(services, config, registry)
+        install_shadow(services, registry)
     except (TemplateLoadError, HookConfigError, PkiError) as exc:
         log.error("%s", exc)
         return 1

@@ -1,0 +1,311 @@
+"""The device's state folder: its private key, its certificate and its provisioning record.
+
+The folder (default ``/var/lib/fleet-agent``) is created 0700. Every file is written
+atomically: a temporary file in the same folder, created with ``O_CREAT | O_EXCL`` and its final
+mode from the first byte, written, fsynced, renamed over the target, and the folder fsynced. A
+crash therefore leaves either the old file or the new one, never half a credential. The private
+key is 0600 and never logged; the certificate ownership token is never written anywhere (it
+lives in the claim flow's memory only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import os
+import secrets
+import stat
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Final, Literal, get_args
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+DEFAULT_STATE_DIR: Final = Path("/var/lib/fleet-agent")
+KEY_FILE: Final = "device.key"
+CERT_FILE: Final = "device.pem"
+RECORD_FILE: Final = "provisioning.json"
+_TEMP_PREFIX: Final = ".tmp-"
+
+KeyType = Literal["ec-p256", "ec-p384", "rsa-2048"]
+KEY_TYPES: Final[tuple[KeyType, ...]] = get_args(KeyType)
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+
+
+class KeystoreError(Exception):
+    """The state folder or a file in it is unusable; the message says how to fix it."""
+
+
+def generate_key(key_type: KeyType = "ec-p256") -> PrivateKey:
+    """A new private key of the given type (P-256 unless told otherwise)."""
+    if key_type == "ec-p256":
+        return ec.generate_private_key(ec.SECP256R1())
+    if key_type == "ec-p384":
+        return ec.generate_private_key(ec.SECP384R1())
+    if key_type == "rsa-2048":
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    raise ValueError(f"unknown key type {key_type!r}; use one of {', '.join(KEY_TYPES)}")
+
+
+def certificate_id(certificate: x509.Certificate) -> str:
+    """AWS IoT's certificate id: the SHA-256 of the DER certificate, lowercase hex."""
+    return hashlib.sha256(certificate.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def same_public_key(key: PrivateKey, certificate: x509.Certificate) -> bool:
+    def der(public: object) -> bytes:
+        return public.public_bytes(  # type: ignore[attr-defined]
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    return der(key.public_key()) == der(certificate.public_key())
+
+
+# ------------------------------------------------------------------------ atomic writes
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data`` atomically; the file has ``mode`` from its first byte."""
+    folder = path.parent
+    temporary = folder / f"{_TEMP_PREFIX}{path.name}.{secrets.token_hex(6)}"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        try:
+            os.fchmod(fd, mode)  # the umask may have removed bits we asked for; never adds any
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    _fsync_dir(folder)
+
+
+def remove_durably(path: Path) -> bool:
+    """Unlink ``path`` (if present) and fsync its folder. True if something was removed."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    _fsync_dir(path.parent)
+    return True
+
+
+# --------------------------------------------------------------------- the record
+
+
+@dataclass(frozen=True)
+class ProvisioningRecord:
+    """What the device knows about its registration: no secret in here."""
+
+    thing_name: str
+    certificate_id: str
+    endpoint: str
+    port: int
+    provisioned_at: str  # ISO 8601, UTC
+
+    @classmethod
+    def now(
+        cls, thing_name: str, certificate_id: str, endpoint: str, port: int
+    ) -> ProvisioningRecord:
+        stamp = dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
+        return cls(thing_name, certificate_id, endpoint, port, stamp)
+
+    def to_json(self) -> bytes:
+        return (json.dumps(asdict(self), indent=2) + "\n").encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> ProvisioningRecord:
+        document = json.loads(data)
+        if not isinstance(document, dict):
+            raise ValueError("not a JSON object")
+        record = cls(
+            thing_name=document["thing_name"],
+            certificate_id=document["certificate_id"],
+            endpoint=document["endpoint"],
+            port=document["port"],
+            provisioned_at=document["provisioned_at"],
+        )
+        if not all(
+            isinstance(v, str) for v in (record.thing_name, record.certificate_id, record.endpoint)
+        ) or not isinstance(record.port, int):
+            raise ValueError("fields of the wrong type")
+        return record
+
+
+# ---------------------------------------------------------------------- the folder
+
+
+@dataclass(frozen=True)
+class Provisioned:
+    """A complete, consistent set of device credentials."""
+
+    record: ProvisioningRecord
+    key_path: Path
+    cert_path: Path
+
+
+class Keystore:
+    """One device's state folder."""
+
+    def __init__(self, root: Path = DEFAULT_STATE_DIR) -> None:
+        self.root = Path(root)
+
+    @property
+    def key_path(self) -> Path:
+        return self.root / KEY_FILE
+
+    @property
+    def cert_path(self) -> Path:
+        return self.root / CERT_FILE
+
+    @property
+    def record_path(self) -> Path:
+        return self.root / RECORD_FILE
+
+    def ensure(self) -> None:
+        """Create the folder 0700 (tighten it if we own it) and drop temp files of a crash."""
+        try:
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            info = self.root.stat()
+        except OSError as exc:
+            raise KeystoreError(
+                f"cannot create the state folder {self.root}: {exc.strerror}"
+            ) from None
+        if not stat.S_ISDIR(info.st_mode):
+            raise KeystoreError(f"state folder {self.root} exists and is not a folder")
+        if stat.S_IMODE(info.st_mode) != 0o700:
+            if info.st_uid != os.geteuid():
+                raise KeystoreError(
+                    f"state folder {self.root} is mode {stat.S_IMODE(info.st_mode):o} and "
+                    f"owned by another user; run: chown $(id -u) {self.root} && chmod 700 "
+                    f"{self.root}"
+                )
+            os.chmod(self.root, 0o700)
+        for leftover in self._temporaries():
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+
+    def _temporaries(self) -> Iterator[Path]:
+        with contextlib.suppress(FileNotFoundError):
+            for entry in self.root.iterdir():
+                if entry.name.startswith(_TEMP_PREFIX):
+                    yield entry
+
+    # ---------------------------------------------------------------- writes
+
+    def save_key(self, key: PrivateKey) -> None:
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        write_atomic(self.key_path, pem, 0o600)
+
+    def save_certificate(self, certificate_pem: str | bytes) -> None:
+        data = certificate_pem.encode() if isinstance(certificate_pem, str) else certificate_pem
+        x509.load_pem_x509_certificate(data)  # never store something unusable
+        write_atomic(self.cert_path, data, 0o644)
+
+    def save_record(self, record: ProvisioningRecord) -> None:
+        write_atomic(self.record_path, record.to_json(), 0o644)
+
+    def save_credentials(
+        self, key: PrivateKey, certificate_pem: str, record: ProvisioningRecord
+    ) -> None:
+        """Key, certificate, then the record: the record marks a complete set, so it is
+        removed first and written last."""
+        self.ensure()
+        remove_durably(self.record_path)
+        self.save_key(key)
+        self.save_certificate(certificate_pem)
+        self.save_record(record)
+
+    # ----------------------------------------------------------------- reads
+
+    def load_key(self) -> PrivateKey:
+        """The device key; refused if group or others may read it."""
+        path = self.key_path
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise KeystoreError(f"no device key at {path}") from None
+        except OSError as exc:
+            raise KeystoreError(f"cannot read the device key {path}: {exc.strerror}") from None
+        try:
+            mode = stat.S_IMODE(os.fstat(fd).st_mode)
+            if mode & 0o077:
+                raise KeystoreError(
+                    f"device key {path} is mode {mode:03o}, readable by others; "
+                    f"run: chmod 600 {path}"
+                )
+            with os.fdopen(fd, "rb", closefd=False) as stream:
+                data = stream.read()
+        finally:
+            os.close(fd)
+        try:
+            key = serialization.load_pem_private_key(data, password=None)
+        except (ValueError, TypeError):
+            raise KeystoreError(f"device key {path} is not an unencrypted PEM key") from None
+        if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+            raise KeystoreError(f"device key {path} is neither an EC nor an RSA key")
+        return key
+
+    def load_certificate(self) -> x509.Certificate:
+        try:
+            return x509.load_pem_x509_certificate(self.cert_path.read_bytes())
+        except FileNotFoundError:
+            raise KeystoreError(f"no device certificate at {self.cert_path}") from None
+        except ValueError:
+            raise KeystoreError(f"{self.cert_path} is not a PEM certificate") from None
+
+    def load_record(self) -> ProvisioningRecord | None:
+        try:
+            data = self.record_path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            return ProvisioningRecord.from_json(data)
+        except (ValueError, KeyError, TypeError):
+            raise KeystoreError(
+                f"{self.record_path} is damaged; run provision again with --force"
+            ) from None
+
+    def provisioned(self) -> Provisioned | None:
+        """The stored credentials if record, certificate and key are all present and agree.
+
+        None if the device was never provisioned; KeystoreError if a set is present but
+        inconsistent (the key does not match the certificate, ...)."""
+        record = self.load_record()
+        if record is None:
+            return None
+        certificate = self.load_certificate()
+        key = self.load_key()
+        if not same_public_key(key, certificate):
+            raise KeystoreError(
+                f"{self.key_path} does not match {self.cert_path}; run provision again with --force"
+            )
+        if certificate_id(certificate) != record.certificate_id:
+            raise KeystoreError(
+                f"{self.cert_path} is not certificate {record.certificate_id[:12]}… of "
+                f"{self.record_path}; run provision again with --force"
+            )
+        return Provisioned(record, self.key_path, self.cert_path)
