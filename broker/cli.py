@@ -6,6 +6,7 @@ Every failure is one line on stderr naming the problem and the fix, and a non-ze
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sqlite3
@@ -15,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from agent import wire
 from broker import bootstrap
 from broker.config import ConfigError, load_config
 from broker.hooks import HookConfigError, load_hooks
@@ -230,6 +232,70 @@ def cmd_templates(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _desired_state(assignments: Sequence[str]) -> dict[str, object]:
+    """``a.b=1 c="x" d=null`` -> nested desired state; values are JSON when they parse."""
+    state: dict[str, object] = {}
+    for assignment in assignments:
+        key, sep, raw = assignment.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise CommandError(f"{assignment!r} is not key=value (JSON values allowed)")
+        try:
+            value: object = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = state
+        *parents, leaf = key.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise CommandError(f"{key}: {part} is set to a value and used as an object")
+            node = child
+        node[leaf] = value
+    return state
+
+
+def cmd_shadow(args: argparse.Namespace) -> int:
+    state = RunningState.read(RunFiles(_config(args).run_dir))
+    if state is None or not pid_alive(state.mosquitto_pid):
+        raise CommandError(f"the broker side is not running: fleet-broker up --dir {args.dir}")
+    operation = {"get": "get", "desire": "update", "delete": "delete"}[args.shadow_command]
+    request: dict[str, object] = {"clientToken": f"fleet-cli-{os.getpid()}-{time.time_ns()}"}
+    if args.shadow_command == "desire":
+        request["state"] = {"desired": _desired_state(args.assignments)}
+    topic = wire.shadow_topic(args.thing, operation, args.name)  # type: ignore[arg-type]
+    replies = {wire.reply(topic, "accepted"), wire.reply(topic, "rejected")}  # type: ignore[arg-type]
+    answer: dict[str, object] = {}
+    got = threading.Event()
+
+    def on_message(_c: object, _u: object, message) -> None:
+        if message.topic in replies:
+            document = json.loads(message.payload)
+            if document.get("clientToken") == request["clientToken"]:
+                answer.update(document, _outcome=message.topic.rsplit("/", 1)[1])
+                got.set()
+
+    subscribed = threading.Event()
+    client = _service_client(args, state, "shadow")
+    client.on_message = on_message
+    client.on_subscribe = lambda *_: subscribed.set()
+    # Subscribe to the replies before publishing, or the answer may be lost.
+    client.subscribe([(reply_topic, 1) for reply_topic in sorted(replies)])
+    if not subscribed.wait(5):
+        disconnect(client)
+        raise CommandError("the broker did not acknowledge the reply subscription")
+    client.publish(topic, json.dumps(request), qos=1)
+    arrived = got.wait(10)
+    disconnect(client)
+    if not arrived:
+        raise CommandError(f"no answer on {topic} within 10 s (are the fleet services running?)")
+    outcome = answer.pop("_outcome")
+    answer.pop("clientToken", None)
+    if outcome == "rejected":
+        raise CommandError(f"{answer.get('code')} {answer.get('message')}")
+    print(json.dumps(answer, indent=2, sort_keys=True))
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------------- parser
 
 
@@ -286,6 +352,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("things", cmd_things, "list registered things")
     add("certs", cmd_certs, "list registered certificates with role and status")
+    shadow = add("shadow", cmd_shadow, "read or change a thing's shadow (classic or named)")
+    shadow_sub = shadow.add_subparsers(dest="shadow_command", required=True, metavar="ACTION")
+    for action, text in (
+        ("get", "print the shadow document, with its delta"),
+        (
+            "desire",
+            "set desired state: key=value ... (JSON values; dotted keys nest; null deletes)",
+        ),
+        ("delete", "delete the shadow"),
+    ):
+        p = shadow_sub.add_parser(action, help=text, description=text)
+        p.add_argument("thing", help="thing name")
+        p.add_argument("--name", help="named shadow (default: the classic shadow)")
+        if action == "desire":
+            p.add_argument("assignments", nargs="+", metavar="key=value")
     add("templates", cmd_templates, "list the provisioning templates devices can register with")
     return parser
 

@@ -523,3 +523,21 @@ def test_templates_lists_the_default_and_names_a_broken_file(certs: Path) -> Non
     (certs / "templates" / "broken.json").write_text("{not json")
     line = assert_one_line_error(cli(certs, "templates"))
     assert "broken.json" in line
+
+
+def test_operator_shadow_commands(certs: Path) -> None:
+    with fleet_up(certs):
+        desired = cli(
+            certs, "shadow", "desire", "boiler-1", "target=21.5", 'mode="eco"', "sched.night=16"
+        )
+        assert desired.returncode == 0, desired.stderr
+        assert json.loads(desired.stdout)["state"]["desired"]["sched"] == {"night": 16}
+        shown = cli(certs, "shadow", "get", "boiler-1")
+        assert shown.returncode == 0, shown.stderr
+        document = json.loads(shown.stdout)
+        assert document["state"]["delta"] == {"target": 21.5, "mode": "eco", "sched": {"night": 16}}
+        assert cli(certs, "shadow", "delete", "boiler-1").returncode == 0
+        line = assert_one_line_error(cli(certs, "shadow", "get", "boiler-1"))
+        assert "404" in line
+        line = assert_one_line_error(cli(certs, "shadow", "desire", "boiler-1", "novalue"))
+        assert "key=value" in line
