@@ -26,6 +26,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from agent.provisioning import PrivateKey
+
 DEFAULT_STATE_DIR: Final = Path("/var/lib/fleet-agent")
 KEY_FILE: Final = "device.key"
 CERT_FILE: Final = "device.pem"
@@ -34,7 +36,6 @@ _TEMP_PREFIX: Final = ".tmp-"
 
 KeyType = Literal["ec-p256", "ec-p384", "rsa-2048"]
 KEY_TYPES: Final[tuple[KeyType, ...]] = get_args(KeyType)
-PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
 
 class KeystoreError(Exception):

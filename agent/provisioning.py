@@ -287,7 +287,9 @@ class RetryPolicy:
     def is_transient(rejection: ProvisioningRejected) -> bool:
         return rejection.status_code == 429 or 500 <= rejection.status_code <= 599
 
-    def backoff(self, attempt: int, uniform: Callable[[float, float], float] = random.uniform) -> float:
+    def backoff(
+        self, attempt: int, uniform: Callable[[float, float], float] = random.uniform
+    ) -> float:
         """Full jitter: uniform in [0, min(max_delay, base_delay * 2**(attempt-1))]."""
         ceiling = min(self.max_delay, self.base_delay * 2 ** max(0, attempt - 1))
         return uniform(0.0, ceiling)
