@@ -26,8 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent import wire  # noqa: E402
-from tests.fleet import Fleet, running_fleet  # noqa: E402
+from agent import wire
+from tests.fleet import Fleet, running_fleet
 
 
 class Device:
@@ -57,8 +57,10 @@ class Device:
         self.counter += 1
         token = f"{self.thing}-{self.counter}"
         body = json.dumps(
-            {"state": {"reported": {"temperature": 20 + self.counter % 7, "n": self.counter}},
-             "clientToken": token}
+            {
+                "state": {"reported": {"temperature": 20 + self.counter % 7, "n": self.counter}},
+                "clientToken": token,
+            }
         )
         with self.lock:
             self.sent[token] = time.perf_counter()
@@ -92,10 +94,13 @@ def saturate(devices: list[Device], seconds: float, window: int) -> dict[str, fl
     time.sleep(1.0)  # let the last replies land
     elapsed = time.perf_counter() - started
     rtts = [r for d in devices for r in d.rtts]
-    return {"updates": len(rtts), "seconds": round(elapsed - 1.0, 2),
-            "updates_per_second": round(len(rtts) / (elapsed - 1.0), 1),
-            "p50_ms": round(statistics.median(rtts) * 1000, 2) if rtts else float("nan"),
-            "p99_ms": round(percentile(rtts, 0.99) * 1000, 2)}
+    return {
+        "updates": len(rtts),
+        "seconds": round(elapsed - 1.0, 2),
+        "updates_per_second": round(len(rtts) / (elapsed - 1.0), 1),
+        "p50_ms": round(statistics.median(rtts) * 1000, 2) if rtts else float("nan"),
+        "p99_ms": round(percentile(rtts, 0.99) * 1000, 2),
+    }
 
 
 def paced(devices: list[Device], seconds: float, rate: float) -> dict[str, float]:
@@ -116,10 +121,16 @@ def paced(devices: list[Device], seconds: float, rate: float) -> dict[str, float
     rtts = [r for d in devices for r in d.rtts]
     lost = total - len(rtts)
     ms = [r * 1000 for r in rtts]
-    return {"target_rate": rate, "achieved_send_rate": round(total / send_elapsed, 1),
-            "updates": len(rtts), "lost": lost,
-            "p50_ms": round(percentile(ms, 0.50), 2), "p90_ms": round(percentile(ms, 0.90), 2),
-            "p99_ms": round(percentile(ms, 0.99), 2), "max_ms": round(max(ms), 2) if ms else 0}
+    return {
+        "target_rate": rate,
+        "achieved_send_rate": round(total / send_elapsed, 1),
+        "updates": len(rtts),
+        "lost": lost,
+        "p50_ms": round(percentile(ms, 0.50), 2),
+        "p90_ms": round(percentile(ms, 0.90), 2),
+        "p99_ms": round(percentile(ms, 0.99), 2),
+        "max_ms": round(max(ms), 2) if ms else 0,
+    }
 
 
 def main() -> int:
@@ -140,9 +151,12 @@ def main() -> int:
         print(f"paced:      {pace}")
     result = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}",
-        "devices": args.devices, "window": args.window,
-        "saturation": saturation, "paced": pace,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "python": platform.python_version(),
+        "devices": args.devices,
+        "window": args.window,
+        "saturation": saturation,
+        "paced": pace,
     }
     out = Path(__file__).resolve().parent / "results" / "shadow_throughput.jsonl"
     out.parent.mkdir(exist_ok=True)
