@@ -1,0 +1,323 @@
+"""``agent.toml``: where the broker is, the claim credentials, how to provision, where state lives.
+
+Validation reports every problem at once, one line each, naming the key and the fix: unknown
+keys, wrong types, missing or unreadable files. ``--set section.key=value`` overrides a value
+(dotted keys; ``--set provisioning.parameters.SerialNumber=SN-1`` sets one parameter), parsed
+by the type that key expects. Relative paths are relative to the config file's folder.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from agent import wire
+from agent.keystore import DEFAULT_STATE_DIR, KEY_TYPES, KeyType
+from agent.provisioning import DEFAULT_COMMON_NAME, DEFAULT_TEMPLATE
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEFAULT_CONFIG: Final = Path("/etc/fleet-agent/agent.toml")
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+
+
+class ConfigError(Exception):
+    """Every problem found, one line each."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
+
+
+@dataclass(frozen=True)
+class BrokerSection:
+    endpoint: str
+    port: int
+    ca_file: Path
+
+
+@dataclass(frozen=True)
+class ClaimSection:
+    certificate: Path
+    key: Path
+    remove_after_provisioning: bool = False
+
+
+@dataclass(frozen=True)
+class ProvisioningSection:
+    template: str = DEFAULT_TEMPLATE
+    parameters: Mapping[str, str] = field(default_factory=dict)
+    key_type: KeyType = "ec-p256"
+    common_name: str = DEFAULT_COMMON_NAME
+    timeout: float = 10.0
+    max_attempts: int = 5
+
+
+@dataclass(frozen=True)
+class AgentSection:
+    state_dir: Path = DEFAULT_STATE_DIR
+    log_level: str = "warning"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    path: Path
+    broker: BrokerSection
+    claim: ClaimSection
+    provisioning: ProvisioningSection
+    agent: AgentSection
+
+
+# section -> key -> (kind, required, default). Kinds: str, int, float, bool, path, table.
+_Spec = tuple[str, bool, Any]
+SCHEMA: Final[dict[str, dict[str, _Spec]]] = {
+    "broker": {
+        "endpoint": ("str", True, None),
+        "port": ("int", False, 8883),
+        "ca_file": ("path", True, None),
+    },
+    "claim": {
+        "certificate": ("path", True, None),
+        "key": ("path", True, None),
+        "remove_after_provisioning": ("bool", False, False),
+    },
+    "provisioning": {
+        "template": ("str", False, DEFAULT_TEMPLATE),
+        "parameters": ("table", False, {}),
+        "key_type": ("str", False, "ec-p256"),
+        "common_name": ("str", False, DEFAULT_COMMON_NAME),
+        "timeout": ("float", False, 10.0),
+        "max_attempts": ("int", False, 5),
+    },
+    "agent": {
+        "state_dir": ("path", False, str(DEFAULT_STATE_DIR)),
+        "log_level": ("str", False, "warning"),
+    },
+}
+_KIND_NAMES: Final = {
+    "str": "a string",
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "path": "a path (string)",
+    "table": "a table of strings",
+}
+
+
+def _type_ok(kind: str, value: object) -> bool:
+    if kind in ("str", "path"):
+        return isinstance(value, str)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind == "bool":
+        return isinstance(value, bool)
+    return isinstance(value, dict)
+
+
+def _parse_override(kind: str, raw: str) -> object:
+    if kind == "int":
+        return int(raw, 10)
+    if kind == "float":
+        return float(raw)
+    if kind == "bool":
+        lowered = raw.strip().lower()
+        if lowered in ("true", "yes", "1", "on"):
+            return True
+        if lowered in ("false", "no", "0", "off"):
+            return False
+        raise ValueError(raw)
+    return raw
+
+
+def apply_overrides(document: dict[str, Any], overrides: Sequence[str]) -> list[str]:
+    """Apply ``section.key=value`` overrides in place; return the problems found."""
+    problems = []
+    for item in overrides:
+        name, sep, raw = item.partition("=")
+        name = name.strip()
+        parts = name.split(".")
+        if not sep or len(parts) < 2 or not all(parts):
+            problems.append(f"--set {item}: expected section.key=value, e.g. broker.port=8883")
+            continue
+        section, key = parts[0], parts[1]
+        if section not in SCHEMA:
+            problems.append(f"--set {item}: unknown section [{section}] ({_known(SCHEMA)})")
+            continue
+        if key not in SCHEMA[section]:
+            problems.append(
+                f"--set {item}: unknown key {section}.{key} ({_known(SCHEMA[section])})"
+            )
+            continue
+        kind = SCHEMA[section][key][0]
+        target = document.setdefault(section, {})
+        if not isinstance(target, dict):
+            problems.append(f"--set {item}: [{section}] in the file is not a table")
+            continue
+        if kind == "table":
+            if len(parts) != 3:
+                problems.append(f"--set {item}: use {section}.{key}.<Name>=<value>")
+                continue
+            table = target.setdefault(key, {})
+            if isinstance(table, dict):
+                table[parts[2]] = raw
+            continue
+        if len(parts) != 2:
+            problems.append(f"--set {item}: {section}.{key} has no sub-keys")
+            continue
+        try:
+            target[key] = _parse_override(kind, raw)
+        except ValueError:
+            problems.append(f"--set {item}: {section}.{key} must be {_KIND_NAMES[kind]}")
+    return problems
+
+
+def _known(keys: Mapping[str, object]) -> str:
+    return "known: " + ", ".join(keys)
+
+
+def _check_readable(label: str, path: Path, problems: list[str], *, what: str) -> None:
+    if not path.exists():
+        problems.append(f"{label}: {what} {path} does not exist")
+    elif not path.is_file():
+        problems.append(f"{label}: {path} is not a file")
+    elif not os.access(path, os.R_OK):
+        problems.append(f"{label}: {what} {path} is not readable by this user (uid {os.geteuid()})")
+
+
+def load_config(
+    path: Path, overrides: Sequence[str] = (), *, check_claim_files: bool = True
+) -> AgentConfig:
+    """Read, override and validate; raise ConfigError listing every problem.
+
+    ``check_claim_files=False`` skips checking the claim certificate and key files (a device
+    already provisioned may have removed them).
+    """
+    path = Path(path)
+    try:
+        document: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(
+            [f"{path}: no such config file (copy agent/agent.example.toml and edit it)"]
+        ) from None
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+
+    problems = apply_overrides(document, overrides)
+    values: dict[str, dict[str, Any]] = {}
+    for section, value in document.items():
+        if section not in SCHEMA:
+            problems.append(f"{path}: unknown section [{section}] ({_known(SCHEMA)})")
+        elif not isinstance(value, dict):
+            problems.append(f"{path}: {section} must be a table ([{section}])")
+    for section, spec in SCHEMA.items():
+        given = document.get(section, {})
+        if not isinstance(given, dict):
+            given = {}
+        for key in given:
+            if key not in spec:
+                problems.append(f"{path}: unknown key {section}.{key} ({_known(spec)})")
+        resolved: dict[str, Any] = {}
+        for key, (kind, required, default) in spec.items():
+            if key not in given:
+                if required:
+                    problems.append(f"{path}: {section}.{key} is required")
+                resolved[key] = default
+                continue
+            value = given[key]
+            if not _type_ok(kind, value):
+                problems.append(
+                    f"{path}: {section}.{key} must be {_KIND_NAMES[kind]}, got {value!r}"
+                )
+                resolved[key] = default
+                continue
+            resolved[key] = value
+        values[section] = resolved
+
+    base = path.parent
+
+    def as_path(value: object) -> Path | None:
+        if not isinstance(value, str) or not value:
+            return None
+        candidate = Path(value).expanduser()
+        return candidate if candidate.is_absolute() else (base / candidate)
+
+    b, c, p, a = values["broker"], values["claim"], values["provisioning"], values["agent"]
+    if isinstance(b["endpoint"], str) and not b["endpoint"].strip():
+        problems.append(f"{path}: broker.endpoint is empty; give the broker's host name")
+    if isinstance(b["port"], int) and not 1 <= b["port"] <= 65535:
+        problems.append(f"{path}: broker.port must be 1-65535, got {b['port']}")
+    template = p["template"]
+    if isinstance(template, str) and not wire.TEMPLATE_NAME_PATTERN.fullmatch(template):
+        problems.append(
+            f"{path}: provisioning.template {template!r} is invalid: 1-36 characters from "
+            "A-Z a-z 0-9 _ -"
+        )
+    parameters = p["parameters"] if isinstance(p["parameters"], dict) else {}
+    for name, value in parameters.items():
+        if not isinstance(value, str):
+            problems.append(
+                f"{path}: provisioning.parameters.{name} must be a string, got {value!r} "
+                f'(quote it: {name} = "{value}")'
+            )
+    if p["key_type"] not in KEY_TYPES:
+        problems.append(
+            f"{path}: provisioning.key_type {p['key_type']!r} is unknown; use one of "
+            + ", ".join(KEY_TYPES)
+        )
+    if isinstance(p["timeout"], int | float) and not 0 < p["timeout"] <= 600:
+        problems.append(f"{path}: provisioning.timeout must be between 0 and 600 seconds")
+    if isinstance(p["max_attempts"], int) and not 1 <= p["max_attempts"] <= 100:
+        problems.append(f"{path}: provisioning.max_attempts must be between 1 and 100")
+    if a["log_level"] not in LOG_LEVELS:
+        problems.append(
+            f"{path}: agent.log_level {a['log_level']!r} is unknown; use one of "
+            + ", ".join(LOG_LEVELS)
+        )
+
+    ca_file, claim_cert, claim_key = (
+        as_path(b["ca_file"]),
+        as_path(c["certificate"]),
+        as_path(c["key"]),
+    )
+    if ca_file is not None:
+        _check_readable(f"{path}: broker.ca_file", ca_file, problems, what="CA file")
+    if check_claim_files and claim_cert is not None and claim_key is not None:
+        problems += claim_file_problems(path, claim_cert, claim_key)
+    state_dir = as_path(a["state_dir"]) or DEFAULT_STATE_DIR
+
+    if problems:
+        raise ConfigError(problems)
+    assert ca_file is not None and claim_cert is not None and claim_key is not None
+    return AgentConfig(
+        path=path,
+        broker=BrokerSection(b["endpoint"].strip(), b["port"], ca_file),
+        claim=ClaimSection(claim_cert, claim_key, c["remove_after_provisioning"]),
+        provisioning=ProvisioningSection(
+            template=template,
+            parameters=dict(parameters),
+            key_type=p["key_type"],
+            common_name=p["common_name"],
+            timeout=float(p["timeout"]),
+            max_attempts=p["max_attempts"],
+        ),
+        agent=AgentSection(state_dir=state_dir, log_level=a["log_level"]),
+    )
+
+
+def claim_file_problems(path: Path, certificate: Path, key: Path) -> list[str]:
+    """Problems with the claim certificate and key files (none if both are readable)."""
+    problems: list[str] = []
+    _check_readable(f"{path}: claim.certificate", certificate, problems, what="claim certificate")
+    _check_readable(f"{path}: claim.key", key, problems, what="claim key")
+    return problems

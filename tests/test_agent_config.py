@@ -1,0 +1,150 @@
+"""agent.toml: defaults, one clear line per problem, --set overrides, the shipped example."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.config import ConfigError, load_config
+from agent.keystore import DEFAULT_STATE_DIR
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "agent" / "agent.example.toml"
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    for name in ("ca.pem", "claim.pem", "claim.key"):
+        (tmp_path / name).write_text("x")
+    return tmp_path
+
+
+def write(folder: Path, text: str) -> Path:
+    path = folder / "agent.toml"
+    path.write_text(text)
+    return path
+
+
+MINIMAL = """
+[broker]
+endpoint = "broker.example.com"
+ca_file = "ca.pem"
+[claim]
+certificate = "claim.pem"
+key = "claim.key"
+"""
+
+
+def problems(path: Path, *overrides: str) -> list[str]:
+    with pytest.raises(ConfigError) as raised:
+        load_config(path, overrides)
+    return raised.value.problems
+
+
+def test_minimal_config_gets_the_defaults(folder: Path) -> None:
+    config = load_config(write(folder, MINIMAL))
+    assert config.broker.port == 8883
+    assert config.broker.ca_file == folder / "ca.pem"  # relative to the config file
+    assert config.claim.remove_after_provisioning is False
+    assert config.provisioning.template == "fleet-default"
+    assert config.provisioning.key_type == "ec-p256"
+    assert config.provisioning.parameters == {}
+    assert config.agent.state_dir == DEFAULT_STATE_DIR
+    assert config.agent.log_level == "warning"
+
+
+def test_the_shipped_example_is_valid(folder: Path) -> None:
+    text = EXAMPLE.read_text()
+    config = load_config(write(folder, text), ["agent.state_dir=state"])
+    assert config.provisioning.parameters == {"SerialNumber": "SN-0001"}
+    assert config.agent.state_dir == folder / "state"
+
+
+def test_overrides_are_parsed_by_the_type_each_key_expects(folder: Path) -> None:
+    config = load_config(
+        write(folder, MINIMAL),
+        [
+            "broker.port=8884",
+            "claim.remove_after_provisioning=true",
+            "provisioning.parameters.SerialNumber=0042",
+            "provisioning.timeout=2.5",
+            "agent.state_dir=/tmp/x",
+        ],
+    )
+    assert config.broker.port == 8884
+    assert config.claim.remove_after_provisioning is True
+    assert config.provisioning.parameters == {"SerialNumber": "0042"}  # a string, zeros kept
+    assert config.provisioning.timeout == 2.5
+    assert config.agent.state_dir == Path("/tmp/x")
+
+
+def test_every_problem_is_reported_once_on_its_own_line(folder: Path) -> None:
+    path = write(
+        folder,
+        """
+[broker]
+endpoint = "b"
+prt = 1
+port = "8883"
+ca_file = "missing-ca.pem"
+[claim]
+certificate = "claim.pem"
+[provisioning]
+key_type = "dsa"
+parameters = { SerialNumber = 12 }
+[extra]
+x = 1
+""",
+    )
+    found = problems(path)
+    text = "\n".join(found)
+    assert len(found) == 7, text
+    assert "unknown key broker.prt" in text and "known: endpoint, port, ca_file" in text
+    assert "broker.port must be an integer, got '8883'" in text
+    assert "CA file" in text and "missing-ca.pem does not exist" in text
+    assert "claim.key is required" in text
+    assert "key_type 'dsa' is unknown; use one of ec-p256, ec-p384, rsa-2048" in text
+    assert "provisioning.parameters.SerialNumber must be a string" in text
+    assert "unknown section [extra]" in text
+    assert all(line.startswith(str(path)) for line in found)
+
+
+def test_unknown_section_is_reported(folder: Path) -> None:
+    found = problems(write(folder, MINIMAL + "[extra]\nx = 1\n"))
+    assert found == [
+        f"{folder / 'agent.toml'}: unknown section [extra] (known: broker, "
+        "claim, provisioning, agent)"
+    ]
+
+
+def test_missing_claim_files_are_named(folder: Path) -> None:
+    (folder / "claim.key").unlink()
+    found = problems(write(folder, MINIMAL))
+    assert len(found) == 1 and "claim key" in found[0] and "claim.key does not exist" in found[0]
+    # A provisioned device may have removed its claim: that check can be skipped.
+    load_config(folder / "agent.toml", check_claim_files=False)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("broker.port=http", "broker.port must be an integer"),
+        ("broker.port=70000", "broker.port must be 1-65535"),
+        ("claim.remove_after_provisioning=maybe", "must be true or false"),
+        ("nope.x=1", "unknown section [nope]"),
+        ("broker.nope=1", "unknown key broker.nope"),
+        ("port=1", "expected section.key=value"),
+        ("broker.port", "expected section.key=value"),
+        ("provisioning.parameters=x", "use provisioning.parameters.<Name>=<value>"),
+        ("provisioning.template=a/b", "provisioning.template 'a/b' is invalid"),
+        ("agent.log_level=loud", "agent.log_level 'loud' is unknown"),
+    ],
+)
+def test_bad_overrides(folder: Path, override: str, message: str) -> None:
+    found = problems(write(folder, MINIMAL), override)
+    assert len(found) == 1 and message in found[0], found
+
+
+def test_not_toml_and_no_file(folder: Path) -> None:
+    assert "not valid TOML" in problems(write(folder, "[broker"))[0]
+    assert "no such config file" in problems(folder / "absent.toml")[0]

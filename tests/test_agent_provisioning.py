@@ -1,0 +1,306 @@
+"""The claim flow as pure logic: messages in, messages out. No broker, no asyncio."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+
+from agent import wire
+from agent.keystore import generate_key
+from agent.provisioning import (
+    ClaimFlow,
+    ProtocolViolation,
+    ProvisioningRejected,
+    ProvisioningResult,
+    Request,
+    RetryPolicy,
+    Step,
+    build_csr,
+    create_certificate_request,
+    register_thing_request,
+)
+
+TOKEN = "tok-" + "s3cr3t" * 8
+CSR_TOPIC = wire.create_certificate_from_csr()
+REGISTER_TOPIC = wire.register_thing("fleet-default")
+
+
+def accepted(topic: str) -> str:
+    return wire.reply(topic, wire.ACCEPTED)
+
+
+def rejected(topic: str) -> str:
+    return wire.reply(topic, wire.REJECTED)
+
+
+def issued(cert_id: str = "a" * 64) -> bytes:
+    return json.dumps(
+        {"certificateId": cert_id, "certificatePem": "PEM", "certificateOwnershipToken": TOKEN}
+    ).encode()
+
+
+def registered(thing: str = "generic-SN-1", config: object = None) -> bytes:
+    document: dict[str, object] = {"thingName": thing}
+    document["deviceConfiguration"] = {"k": "v"} if config is None else config
+    return json.dumps(document).encode()
+
+
+def rejection(status: int, code: str, message: str) -> bytes:
+    return json.dumps({"statusCode": status, "errorCode": code, "errorMessage": message}).encode()
+
+
+@pytest.fixture
+def flow() -> ClaimFlow:
+    return ClaimFlow(generate_key(), parameters={"SerialNumber": "SN-1"})
+
+
+# ------------------------------------------------------------------------ messages
+
+
+def test_csr_is_signed_by_the_key_with_the_configured_subject() -> None:
+    key = generate_key()
+    csr = x509.load_pem_x509_csr(build_csr(key, "my-device").encode())
+    assert csr.is_signature_valid
+    assert csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "my-device"
+    assert csr.public_key() == key.public_key()
+
+
+def test_csr_default_subject_is_fleet_agent() -> None:
+    csr = x509.load_pem_x509_csr(build_csr(generate_key()).encode())
+    assert csr.subject.rfc4514_string() == "CN=fleet-agent"
+
+
+@pytest.mark.parametrize("key_type", ["ec-p384", "rsa-2048"])
+def test_csr_for_other_key_types(key_type: str) -> None:
+    key = generate_key(key_type)  # type: ignore[arg-type]
+    csr = x509.load_pem_x509_csr(build_csr(key).encode())
+    assert csr.is_signature_valid
+    assert isinstance(csr.public_key(), ec.EllipticCurvePublicKey | rsa.RSAPublicKey)
+
+
+def test_create_certificate_request_is_the_aws_message() -> None:
+    request = create_certificate_request("CSR PEM")
+    assert request.topic == "$aws/certificates/create-from-csr/json"
+    assert json.loads(request.payload) == {"certificateSigningRequest": "CSR PEM"}
+    assert request.reply_topics == (
+        "$aws/certificates/create-from-csr/json/accepted",
+        "$aws/certificates/create-from-csr/json/rejected",
+    )
+
+
+def test_register_thing_request_is_the_aws_message() -> None:
+    request = register_thing_request("fleet-default", TOKEN, {"SerialNumber": "SN-1"})
+    assert request.topic == "$aws/provisioning-templates/fleet-default/provision/json"
+    assert json.loads(request.payload) == {
+        "certificateOwnershipToken": TOKEN,
+        "parameters": {"SerialNumber": "SN-1"},
+    }
+    assert request.reply_topics == (accepted(request.topic), rejected(request.topic))
+
+
+def test_register_thing_without_parameters_omits_them() -> None:
+    request = register_thing_request("fleet-default", TOKEN)
+    assert json.loads(request.payload) == {"certificateOwnershipToken": TOKEN}
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "+", "#", "x" * 37, "with space"])
+def test_template_names_that_would_break_the_topic_are_refused(name: str) -> None:
+    with pytest.raises(ValueError, match="template name"):
+        register_thing_request(name, TOKEN)
+    with pytest.raises(ValueError, match="template name"):
+        ClaimFlow(generate_key(), template=name)
+
+
+def test_parameters_must_be_strings() -> None:
+    with pytest.raises(ValueError, match="strings"):
+        ClaimFlow(generate_key(), parameters={"SerialNumber": 7})  # type: ignore[dict-item]
+
+
+# ------------------------------------------------------------------------ the flow
+
+
+def test_subscribe_to_every_reply_before_the_first_publish(flow: ClaimFlow) -> None:
+    assert set(flow.reply_topics()) == {
+        accepted(CSR_TOPIC),
+        rejected(CSR_TOPIC),
+        accepted(REGISTER_TOPIC),
+        rejected(REGISTER_TOPIC),
+    }
+
+
+def test_happy_path(flow: ClaimFlow) -> None:
+    first = flow.start()
+    assert first.topic == CSR_TOPIC and flow.step is Step.CREATE_CERTIFICATE
+    csr = x509.load_pem_x509_csr(json.loads(first.payload)["certificateSigningRequest"].encode())
+    assert csr.is_signature_valid
+
+    second = flow.receive(accepted(CSR_TOPIC), issued())
+    assert isinstance(second, Request) and second.topic == REGISTER_TOPIC
+    assert json.loads(second.payload) == {
+        "certificateOwnershipToken": TOKEN,
+        "parameters": {"SerialNumber": "SN-1"},
+    }
+    assert flow.step is Step.REGISTER_THING and flow.certificate_id == "a" * 64
+
+    result = flow.receive(accepted(REGISTER_TOPIC), registered())
+    assert result == ProvisioningResult("generic-SN-1", "a" * 64, "PEM", {"k": "v"})
+    assert flow.step is Step.DONE and flow.pending is None
+    assert flow.result == result
+
+
+def test_the_pending_request_is_what_a_retry_resends(flow: ClaimFlow) -> None:
+    first = flow.start()
+    assert flow.pending == first
+    second = flow.receive(accepted(CSR_TOPIC), issued())
+    assert flow.pending == second
+
+
+def test_empty_device_configuration_is_fine(flow: ClaimFlow) -> None:
+    flow.start()
+    flow.receive(accepted(CSR_TOPIC), issued())
+    result = flow.receive(accepted(REGISTER_TOPIC), json.dumps({"thingName": "t"}).encode())
+    assert isinstance(result, ProvisioningResult) and result.device_configuration == {}
+
+
+def test_create_certificate_rejected(flow: ClaimFlow) -> None:
+    flow.start()
+    with pytest.raises(ProvisioningRejected) as raised:
+        flow.receive(rejected(CSR_TOPIC), rejection(400, "InvalidCSR", "bad CSR"))
+    error = raised.value
+    assert (error.status_code, error.error_code, error.error_message, error.step) == (
+        400,
+        "InvalidCSR",
+        "bad CSR",
+        Step.CREATE_CERTIFICATE,
+    )
+    assert str(error) == "CreateCertificateFromCsr rejected: InvalidCSR (400): bad CSR"
+
+
+def test_register_thing_rejected_names_the_step_and_never_the_token(flow: ClaimFlow) -> None:
+    flow.start()
+    flow.receive(accepted(CSR_TOPIC), issued())
+    with pytest.raises(ProvisioningRejected) as raised:
+        flow.receive(
+            rejected(REGISTER_TOPIC),
+            rejection(404, "ResourceNotFound", "Provisioning template x does not exist."),
+        )
+    assert raised.value.step is Step.REGISTER_THING
+    assert raised.value.error_code == "ResourceNotFound"
+    assert TOKEN not in str(raised.value) and TOKEN not in repr(raised.value)
+
+
+def test_a_rejection_with_odd_fields_still_parses(flow: ClaimFlow) -> None:
+    flow.start()
+    with pytest.raises(ProvisioningRejected) as raised:
+        flow.receive(rejected(CSR_TOPIC), b'{"statusCode": "500"}')
+    assert raised.value.status_code == 0 and raised.value.error_code == "Unknown"
+
+
+def test_the_token_is_in_no_repr(flow: ClaimFlow) -> None:
+    flow.start()
+    second = flow.receive(accepted(CSR_TOPIC), issued())
+    assert TOKEN not in repr(second)
+    assert TOKEN not in repr(flow)
+    assert TOKEN not in repr(flow._issued)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"not json",
+        b"[]",
+        b"{}",
+        json.dumps({"certificateId": "x", "certificatePem": "P"}).encode(),
+        json.dumps(
+            {"certificateId": 1, "certificatePem": "P", "certificateOwnershipToken": "t"}
+        ).encode(),
+    ],
+)
+def test_malformed_certificate_reply_is_a_protocol_violation(
+    flow: ClaimFlow, payload: bytes
+) -> None:
+    flow.start()
+    with pytest.raises(ProtocolViolation):
+        flow.receive(accepted(CSR_TOPIC), payload)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [registered("bad/name"), registered(config={"n": 1}), registered(config=["x"]), b"{}"],
+)
+def test_malformed_register_reply_is_a_protocol_violation(flow: ClaimFlow, payload: bytes) -> None:
+    flow.start()
+    flow.receive(accepted(CSR_TOPIC), issued())
+    with pytest.raises(ProtocolViolation):
+        flow.receive(accepted(REGISTER_TOPIC), payload)
+
+
+def test_a_reply_on_a_foreign_topic_is_refused(flow: ClaimFlow) -> None:
+    flow.start()
+    with pytest.raises(ValueError, match="not a reply"):
+        flow.receive(accepted(REGISTER_TOPIC), registered())
+
+
+def test_receive_before_start_is_a_bug(flow: ClaimFlow) -> None:
+    with pytest.raises(RuntimeError):
+        flow.receive(accepted(CSR_TOPIC), issued())
+
+
+# ------------------------------------------------------------------------- retries
+
+
+def reject(status: int) -> ProvisioningRejected:
+    return ProvisioningRejected(status, "X", "x", Step.REGISTER_THING)
+
+
+@pytest.mark.parametrize("status", [429, 500, 503, 599])
+def test_throttling_and_server_errors_are_transient(status: int) -> None:
+    assert RetryPolicy.is_transient(reject(status))
+    assert RetryPolicy().delay(1, reject(status)) is not None
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 409, 413, 0])
+def test_client_errors_fail_at_once(status: int) -> None:
+    assert not RetryPolicy.is_transient(reject(status))
+    assert RetryPolicy().delay(1, reject(status)) is None
+
+
+def test_backoff_is_exponential_capped_and_full_jitter() -> None:
+    policy = RetryPolicy(max_attempts=10, base_delay=0.5, max_delay=4.0)
+    ceilings = [policy.delay(n, reject(500), lambda _lo, hi: hi) for n in range(1, 7)]
+    assert ceilings == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+    floors = [policy.delay(n, reject(500), lambda lo, _hi: lo) for n in range(1, 4)]
+    assert floors == [0.0, 0.0, 0.0]  # full jitter: anywhere from zero to the ceiling
+
+
+def test_attempts_are_bounded() -> None:
+    policy = RetryPolicy(max_attempts=3)
+    assert policy.delay(2, reject(500)) is not None
+    assert policy.delay(3, reject(500)) is None
+
+
+def test_timeouts_are_retried_unless_told_not() -> None:
+    assert RetryPolicy().delay(1, TimeoutError()) is not None
+    assert RetryPolicy(retry_timeouts=False).delay(1, TimeoutError()) is None
+
+
+def test_the_agent_imports_nothing_from_broker_or_simulator() -> None:
+    import ast
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parent.parent / "agent"
+    for source in folder.glob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            for name in names:
+                assert name.split(".")[0] not in ("broker", "simulator", "tests"), (source, name)
