@@ -94,13 +94,13 @@ def shadow_request_filters(thing: str = "+") -> tuple[str, ...]:
 
 # ---------------------------------------------------------------- broker-side extensions
 
-#: User properties the broker plugin stamps on a forwarded request, and reads on a reply.
-PROPERTY_CLIENT_ID: Final = "fleet-client-id"
-PROPERTY_CONNECTION: Final = "fleet-connection"
-PROPERTY_ROLE: Final = "fleet-role"
-PROPERTY_CERTIFICATE_ID: Final = "fleet-certificate-id"
-PROPERTY_THING: Final = "fleet-thing"
+#: The user property the broker plugin stamps on a forwarded request:
+#: ``"<connection> <role> <certificate id> <thing or -> <client id>"`` (client id last: it alone
+#: may contain spaces).
+PROPERTY_SENDER: Final = "fleet-sender"
+#: User properties the services put on a reply for the plugin to route it to one connection.
 PROPERTY_REPLY_TO: Final = "fleet-reply-to"
+PROPERTY_CONNECTION: Final = "fleet-connection"
 
 #: Plugin control topic (Mosquitto ``$CONTROL/<feature>/<version>``); service identity only.
 CONTROL_TOPIC: Final = "$CONTROL/fleet/v1"

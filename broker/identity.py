@@ -28,14 +28,18 @@ class Request:
 
 
 def sender_of(message: mqtt.MQTTMessage) -> Sender | None:
-    user = dict(getattr(message.properties, "UserProperty", None) or [])
-    try:
-        return Sender(
-            client_id=user[wire.PROPERTY_CLIENT_ID],
-            connection=user[wire.PROPERTY_CONNECTION],
-            role=user[wire.PROPERTY_ROLE],
-            certificate_id=user[wire.PROPERTY_CERTIFICATE_ID],
-            thing=user.get(wire.PROPERTY_THING),
-        )
-    except KeyError:
-        return None
+    """The plugin's stamp on a forwarded request, or None if it carries none."""
+    for name, value in getattr(message.properties, "UserProperty", None) or ():
+        if name == wire.PROPERTY_SENDER:
+            parts = value.split(" ", 4)
+            if len(parts) != 5:
+                return None
+            connection, role, certificate_id, thing, client_id = parts
+            return Sender(
+                client_id=client_id,
+                connection=connection,
+                role=role,
+                certificate_id=certificate_id,
+                thing=None if thing == "-" else thing,
+            )
+    return None

@@ -15,6 +15,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from agent import wire
+from broker.identity import sender_of
 from broker.pki import CertificateAuthority
 from broker.registry import CertificateRole, CertificateStatus
 from tests.fleet import Client, Credentials, Fleet
@@ -32,6 +33,11 @@ def code(reason: object) -> int:
 
 def user_properties(message: mqtt.MQTTMessage) -> dict[str, str]:
     return dict(getattr(message.properties, "UserProperty", None) or [])
+
+
+def client_id_of(message: mqtt.MQTTMessage) -> str | None:
+    stamp = sender_of(message)
+    return stamp.client_id if stamp else None
 
 
 def stays_connected(*clients: Client, seconds: float = 0.5) -> bool:
@@ -150,17 +156,19 @@ def test_request_reaches_the_service_stamped_with_the_true_sender(fleet: Fleet) 
     alice.publish(
         CSR_TOPIC,
         b'{"certificateSigningRequest": "..."}',
-        user_properties=[("fleet-client-id", "bob"), ("fleet-role", "service")],
+        user_properties=[("fleet-sender", "1 service 00 - bob"), ("fleet-reply-to", "bob")],
     )
     request = service.received.wait_for(lambda m: m.topic == CSR_TOPIC)
     assert request is not None
-    stamp = user_properties(request)
-    assert stamp["fleet-client-id"] == "alice"
-    assert stamp["fleet-role"] == "claim"
-    assert stamp["fleet-certificate-id"] == fleet.claim_certificate_id
-    assert "fleet-thing" not in stamp
-    # The forged values are gone, not merely shadowed.
-    assert request.properties.UserProperty.count(("fleet-client-id", "bob")) == 0
+    stamp = sender_of(request)
+    assert stamp is not None
+    assert stamp.client_id == "alice"
+    assert stamp.role == "claim"
+    assert stamp.certificate_id == fleet.claim_certificate_id
+    assert stamp.thing is None
+    # The forged values are gone, not merely shadowed: exactly one stamp, the plugin's.
+    names = [name for name, _ in request.properties.UserProperty]
+    assert names.count("fleet-sender") == 1 and "fleet-reply-to" not in names
 
 
 def test_reply_reaches_only_the_connection_that_asked(fleet: Fleet) -> None:
@@ -172,14 +180,15 @@ def test_reply_reaches_only_the_connection_that_asked(fleet: Fleet) -> None:
     alice.publish(CSR_TOPIC, b"{}")
     request = service.received.wait_for(lambda m: m.topic == CSR_TOPIC)
     assert request is not None
-    stamp = user_properties(request)
+    stamp = sender_of(request)
+    assert stamp is not None
     reply = json.dumps({"certificateOwnershipToken": "secret-for-alice"})
     service.publish(
         CSR_ACCEPTED,
         reply,
         user_properties=[
-            (wire.PROPERTY_REPLY_TO, stamp["fleet-client-id"]),
-            (wire.PROPERTY_CONNECTION, stamp["fleet-connection"]),
+            (wire.PROPERTY_REPLY_TO, stamp.client_id),
+            (wire.PROPERTY_CONNECTION, stamp.connection),
         ],
     )
     got = alice.received.wait_for(lambda m: m.topic == CSR_ACCEPTED)
@@ -194,7 +203,7 @@ def test_reply_to_a_connection_that_is_gone_is_dropped(fleet: Fleet) -> None:
     first = fleet.client(fleet.claim, "flaky-1")
     first.publish(CSR_TOPIC, b"{}")
     request = service.received.wait_for(
-        lambda m: m.topic == CSR_TOPIC and user_properties(m)["fleet-client-id"] == "flaky-1"
+        lambda m: m.topic == CSR_TOPIC and client_id_of(m) == "flaky-1"
     )
     assert request is not None
     first.stop()
@@ -206,7 +215,7 @@ def test_reply_to_a_connection_that_is_gone_is_dropped(fleet: Fleet) -> None:
         b'{"certificateOwnershipToken": "not-yours"}',
         user_properties=[
             (wire.PROPERTY_REPLY_TO, "flaky-1"),
-            (wire.PROPERTY_CONNECTION, user_properties(request)["fleet-connection"]),
+            (wire.PROPERTY_CONNECTION, sender_of(request).connection),  # type: ignore[union-attr]
         ],
     )
     time.sleep(0.5)
@@ -226,9 +235,7 @@ def test_requests_are_never_broadcast_or_retained(fleet: Fleet) -> None:
     service = fleet.as_service()
     sender = fleet.client(fleet.claim, "retainer")
     sender.publish(CSR_TOPIC, b"{}", retain=True)
-    request = service.received.wait_for(
-        lambda m: user_properties(m).get("fleet-client-id") == "retainer"
-    )
+    request = service.received.wait_for(lambda m: client_id_of(m) == "retainer")
     assert request is not None and not request.retain
     # A fresh subscriber with every right there is (the service identity) sees no retained copy.
     late = fleet.client(fleet.service, "late-reader")
@@ -435,9 +442,7 @@ def test_last_will_cannot_forge_a_request(fleet: Fleet) -> None:
     service = fleet.as_service()
     victim = fleet.client(fleet.claim, "will-victim")
     victim.publish(CSR_TOPIC, b"{}")
-    stamped = service.received.wait_for(
-        lambda m: user_properties(m).get("fleet-client-id") == "will-victim"
-    )
+    stamped = service.received.wait_for(lambda m: client_id_of(m) == "will-victim")
     assert stamped is not None
     forged = [(k, v) for k, v in request_stamp(stamped).items()]
     attacker = fleet.client(

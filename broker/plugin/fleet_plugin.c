@@ -649,24 +649,29 @@ static int forward_request(struct mosquitto_evt_message *ed, const char *client_
 {
 	struct conn *c = conn_find(client_id);
 	mosquitto_property *props = NULL;
-	char serial[24];
+	size_t sender_len;
+	char *sender;
 	int rc;
 
 	if(!c || c->client != ed->client){
 		/* Cannot tell who this is: never forward an unattributed request. */
 		return sink(ed);
 	}
-	snprintf(serial, sizeof(serial), "%llu", c->serial);
+	/* One property, "<connection> <role> <certificate id> <thing or -> <client id>": the client
+	 * id goes last because it alone may contain spaces. One property instead of five halves
+	 * the service's MQTT 5 parsing cost per request. */
+	sender_len = strlen(client_id) + strlen(username ? username : "-") + CERT_ID_LEN + 48;
+	sender = mosquitto_malloc(sender_len);
+	if(!sender) return MOSQ_ERR_NOMEM;
+	snprintf(sender, sender_len, "%llu %s %s %s %s", c->serial, role_name(role), c->cert_id,
+			role == ROLE_DEVICE ? username : "-", client_id);
 	if(!copy_without_fleet(&props, ed->properties)
-			|| mosquitto_property_add_string_pair(&props, MQTT_PROP_USER_PROPERTY, PROP_PREFIX "client-id", client_id)
-			|| mosquitto_property_add_string_pair(&props, MQTT_PROP_USER_PROPERTY, PROP_PREFIX "connection", serial)
-			|| mosquitto_property_add_string_pair(&props, MQTT_PROP_USER_PROPERTY, PROP_PREFIX "role", role_name(role))
-			|| mosquitto_property_add_string_pair(&props, MQTT_PROP_USER_PROPERTY, PROP_PREFIX "certificate-id", c->cert_id)
-			|| (role == ROLE_DEVICE && mosquitto_property_add_string_pair(&props, MQTT_PROP_USER_PROPERTY,
-					PROP_PREFIX "thing", username))){
+			|| mosquitto_property_add_string_pair(&props, MQTT_PROP_USER_PROPERTY, PROP_PREFIX "sender", sender)){
+		mosquitto_free(sender);
 		mosquitto_property_free_all(&props);
 		return MOSQ_ERR_NOMEM;
 	}
+	mosquitto_free(sender);
 	/* QoS 1 at least: the service's persistent session queues requests while it restarts. */
 	rc = mosquitto_broker_publish_copy(service_id, ed->topic, (int)ed->payloadlen, ed->payload,
 			ed->qos ? ed->qos : 1, false, props);
