@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -27,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from agent.keystore import Keystore
 from agent.onboarding import ClaimSettings, onboard
 from agent.session import tls_context
+from bench._record import record
 from tests.fleet import Fleet, running_fleet
 
 
@@ -54,22 +52,16 @@ def main() -> int:
     with running_fleet(services=True) as fleet:
         durations = asyncio.run(run(fleet, args.devices))
     ms = sorted(d * 1000 for d in durations)
-    result = {
-        "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "python": platform.python_version(),
-        "devices": args.devices,
-        "median_ms": round(statistics.median(ms), 1),
-        "p90_ms": round(ms[int(0.9 * (len(ms) - 1))], 1),
-        "min_ms": round(ms[0], 1),
-        "max_ms": round(ms[-1], 1),
-    }
-    print(json.dumps(result))
-    out = Path(__file__).resolve().parent / "results" / "provisioning_time.jsonl"
-    out.parent.mkdir(exist_ok=True)
-    with out.open("a") as f:
-        f.write(json.dumps(result) + "\n")
-    print(f"appended to {out}")
+    record(
+        "provisioning_time",
+        {
+            "devices": args.devices,
+            "median_ms": round(statistics.median(ms), 1),
+            "p90_ms": round(ms[int(0.9 * (len(ms) - 1))], 1),
+            "min_ms": round(ms[0], 1),
+            "max_ms": round(ms[-1], 1),
+        },
+    )
     return 0
 
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import threading
@@ -27,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent import wire
+from bench._record import record
 from tests.fleet import Fleet, running_fleet
 
 
@@ -149,20 +148,15 @@ def main() -> int:
         print(f"saturation: {saturation}")
         pace = paced(devices, args.seconds, args.rate)
         print(f"paced:      {pace}")
-    result = {
-        "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "python": platform.python_version(),
-        "devices": args.devices,
-        "window": args.window,
-        "saturation": saturation,
-        "paced": pace,
-    }
-    out = Path(__file__).resolve().parent / "results" / "shadow_throughput.jsonl"
-    out.parent.mkdir(exist_ok=True)
-    with out.open("a") as f:
-        f.write(json.dumps(result) + "\n")
-    print(f"appended to {out}")
+    record(
+        "shadow_throughput",
+        {
+            "devices": args.devices,
+            "window": args.window,
+            "saturation": saturation,
+            "paced": pace,
+        },
+    )
     return 0
 
 

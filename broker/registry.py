@@ -624,18 +624,7 @@ class SQLiteRegistry:
         groups = None if thing_groups is None else json.dumps(_check_groups(thing_groups))
         now = time.time()
         with self._transaction() as db:
-            db.execute(
-                "INSERT INTO things"
-                " (name, attributes, thing_groups, thing_type, version, created_at, updated_at)"
-                " VALUES (?, COALESCE(?, '{}'), COALESCE(?, '[]'), ?, 1, ?, ?)"
-                " ON CONFLICT (name) DO UPDATE SET"
-                "  attributes = COALESCE(?, attributes),"
-                "  thing_groups = COALESCE(?, thing_groups),"
-                "  thing_type = COALESCE(?, thing_type),"
-                "  version = version + 1,"
-                "  updated_at = ?",
-                (name, attrs, groups, thing_type, now, now, attrs, groups, thing_type, now),
-            )
+            self._upsert_thing(db, name, attrs, groups, thing_type, now)
             row = db.execute("SELECT * FROM things WHERE name = ?", (name,)).fetchone()
         return _thing(row)
 
@@ -756,6 +745,40 @@ class SQLiteRegistry:
             )
             return str(row["certificate_id"])
 
+    @staticmethod
+    def _upsert_thing(
+        db: sqlite3.Connection,
+        name: str,
+        attributes_json: str | None,
+        groups_json: str | None,
+        thing_type: str | None,
+        now: float,
+    ) -> None:
+        """Create the thing, or replace the fields given (None keeps one) and bump its version."""
+        db.execute(
+            "INSERT INTO things"
+            " (name, attributes, thing_groups, thing_type, version, created_at, updated_at)"
+            " VALUES (?, COALESCE(?, '{}'), COALESCE(?, '[]'), ?, 1, ?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET"
+            "  attributes = COALESCE(?, attributes),"
+            "  thing_groups = COALESCE(?, thing_groups),"
+            "  thing_type = COALESCE(?, thing_type),"
+            "  version = version + 1,"
+            "  updated_at = ?",
+            (
+                name,
+                attributes_json,
+                groups_json,
+                thing_type,
+                now,
+                now,
+                attributes_json,
+                groups_json,
+                thing_type,
+                now,
+            ),
+        )
+
     def complete_registration(self, registration: Registration) -> Thing:
         """RegisterThing's effect, all or nothing: the token is used up, the thing created or
         updated, the certificate attached with its new status and its policies recorded."""
@@ -772,29 +795,7 @@ class SQLiteRegistry:
                 "UPDATE ownership_tokens SET used_at = ? WHERE token_hash = ?",
                 (now, token_row["token_hash"]),
             )
-            db.execute(
-                "INSERT INTO things"
-                " (name, attributes, thing_groups, thing_type, version, created_at, updated_at)"
-                " VALUES (?, COALESCE(?, '{}'), COALESCE(?, '[]'), ?, 1, ?, ?)"
-                " ON CONFLICT (name) DO UPDATE SET"
-                "  attributes = COALESCE(?, attributes),"
-                "  thing_groups = COALESCE(?, thing_groups),"
-                "  thing_type = COALESCE(?, thing_type),"
-                "  version = version + 1,"
-                "  updated_at = ?",
-                (
-                    r.thing_name,
-                    attrs,
-                    groups,
-                    r.thing_type,
-                    now,
-                    now,
-                    attrs,
-                    groups,
-                    r.thing_type,
-                    now,
-                ),
-            )
+            self._upsert_thing(db, r.thing_name, attrs, groups, r.thing_type, now)
             db.execute(
                 "UPDATE certificates SET thing_name = ?, status = ?, updated_at = ? WHERE id = ?",
                 (r.thing_name, r.certificate_status.value, now, r.certificate_id),

@@ -102,9 +102,6 @@ class ShadowService:
             return None, 0 if expired else stored.version
         return ShadowDocument.from_json(stored.document), stored.version
 
-    def _not_found(self, request: ShadowRequest) -> ShadowError:
-        return ShadowError(404, f"No shadow exists with name: '{request.shadow or request.thing}'")
-
     def _update(self, request: ShadowRequest, payload: bytes, now: int, publish: Publish) -> None:
         current, deleted_version = self._load(request, now)
         result = apply_update(
@@ -119,30 +116,26 @@ class ShadowService:
             publish(wire.shadow_delta(thing, shadow), _encode(result.delta))
         publish(wire.shadow_documents(thing, shadow), _encode(result.documents))
 
-    def _get(self, request: ShadowRequest, payload: bytes, now: int, publish: Publish) -> None:
-        _, token = self._parse(payload)
+    def _existing(
+        self, request: ShadowRequest, payload: bytes, now: int
+    ) -> tuple[ShadowDocument, str | None]:
+        """The live document and the request's clientToken; 404 when there is none."""
+        _, token = parse_request(payload, self.limits)
         current, _ = self._load(request, now)
         if current is None:
-            error = self._not_found(request)
-            error.client_token = token
-            raise error
+            name = request.shadow or request.thing
+            raise ShadowError(404, f"No shadow exists with name: '{name}'", token)
+        return current, token
+
+    def _get(self, request: ShadowRequest, payload: bytes, now: int, publish: Publish) -> None:
+        current, token = self._existing(request, payload, now)
         document = get_document(current, now=now, client_token=token)
-        publish(
-            wire.shadow_reply(request.thing, "get", "accepted", request.shadow), _encode(document)
-        )
+        topic = wire.shadow_reply(request.thing, "get", "accepted", request.shadow)
+        publish(topic, _encode(document))
 
     def _delete(self, request: ShadowRequest, payload: bytes, now: int, publish: Publish) -> None:
-        _, token = self._parse(payload)
-        current, _ = self._load(request, now)
-        if current is None:
-            error = self._not_found(request)
-            error.client_token = token
-            raise error
+        current, token = self._existing(request, payload, now)
         self.registry.delete_shadow(request.thing, request.shadow or "", current.version)
         answer = delete_result(current, now=now, client_token=token)
-        publish(
-            wire.shadow_reply(request.thing, "delete", "accepted", request.shadow), _encode(answer)
-        )
-
-    def _parse(self, payload: bytes) -> tuple[dict, str | None]:
-        return parse_request(payload, self.limits)
+        topic = wire.shadow_reply(request.thing, "delete", "accepted", request.shadow)
+        publish(topic, _encode(answer))
