@@ -398,6 +398,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`fleet-broker status | head`): not an error, and no traceback
+        # from the interpreter flushing stdout at exit either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     return EXIT_ERROR
 
 

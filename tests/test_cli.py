@@ -541,3 +541,22 @@ def test_operator_shadow_commands(certs: Path) -> None:
         assert "404" in line
         line = assert_one_line_error(cli(certs, "shadow", "desire", "boiler-1", "novalue"))
         assert "key=value" in line
+
+
+def test_output_piped_into_a_closed_reader_is_no_traceback(certs: Path) -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first byte (`fleet-broker ... | head`)
+    try:
+        result = subprocess.run(
+            command(certs, "templates"),
+            cwd=REPO,
+            env=ENV,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 0
