@@ -4,12 +4,16 @@ paho-mqtt clients over mutual TLS. Nothing here mocks the broker or TLS."""
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import socket
 import ssl
+import subprocess
+import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -291,11 +295,70 @@ class Fleet:
 
 
 @contextlib.contextmanager
-def running_fleet(*, services: bool) -> Iterator[Fleet]:
+def running_fleet(
+    *, services: bool, templates: Mapping[str, object] | None = None
+) -> Iterator[Fleet]:
+    """A started stack. ``templates`` maps file names to JSON documents written into the
+    provisioning templates folder before the services start (templates and hooks)."""
     fleet = Fleet(make_workdir(), services=services)
+    if templates:
+        folder = fleet.config.templates_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, document in templates.items():
+            (folder / name).write_text(json.dumps(document))
     fleet.stack.start()
     try:
         yield fleet
     finally:
         fleet.close_clients()
         fleet.stack.stop()
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def agent_config(
+    fleet: Fleet,
+    serial: str | None,
+    *,
+    claim: tuple[Path, Path] | None = None,
+    extra: str = "",
+    provisioning: str = "timeout = 10",
+    state: Path | None = None,
+) -> Path:
+    """An agent.toml for ``fleet``'s broker, in a fresh folder."""
+    folder = make_workdir()
+    cert, key = claim or (fleet.pki.claim_cert, fleet.pki.claim_key)
+    parameters = f'\n[provisioning.parameters]\nSerialNumber = "{serial}"\n' if serial else ""
+    path = folder / "agent.toml"
+    path.write_text(
+        f"""
+[broker]
+endpoint = "{fleet.config.connect_host}"
+port = {fleet.config.port}
+ca_file = "{fleet.pki.ca_cert}"
+
+[claim]
+certificate = "{cert}"
+key = "{key}"
+{extra}
+[provisioning]
+{provisioning}
+{parameters}
+[agent]
+state_dir = "{state or folder / "state"}"
+"""
+    )
+    return path
+
+
+def run_agent(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``fleet-agent provision --config <config>`` as a real subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "agent.cli", "provision", "--config", str(config), *args],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )

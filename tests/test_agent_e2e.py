@@ -24,9 +24,8 @@ from agent.onboarding import Cause, ClaimSettings, OnboardingFailed, onboard
 from agent.session import tls_context
 from broker import bootstrap
 from broker.registry import CertificateStatus
-from tests.fleet import Fleet, free_port, make_workdir, running_fleet
+from tests.fleet import REPO, Fleet, agent_config, free_port, make_workdir, run_agent, running_fleet
 
-ROOT = Path(__file__).resolve().parent.parent
 # A certificate ownership token is secrets.token_urlsafe(32): 43 URL-safe characters. No
 # output line of the agent may hold a run that long.
 TOKEN_LIKE = re.compile(r"[A-Za-z0-9_-]{40,}")
@@ -39,53 +38,6 @@ SUCCESS = re.compile(
 def fleet() -> Iterator[Fleet]:
     with running_fleet(services=True) as running:
         yield running
-
-
-def write_config(
-    fleet: Fleet,
-    serial: str,
-    *,
-    claim: tuple[Path, Path] | None = None,
-    extra: str = "",
-    state: Path | None = None,
-) -> Path:
-    folder = make_workdir()
-    cert, key = claim or (fleet.pki.claim_cert, fleet.pki.claim_key)
-    path = folder / "agent.toml"
-    path.write_text(
-        f"""
-[broker]
-endpoint = "{fleet.config.connect_host}"
-port = {fleet.config.port}
-ca_file = "{fleet.pki.ca_cert}"
-
-[claim]
-certificate = "{cert}"
-key = "{key}"
-{extra}
-[provisioning]
-timeout = 10
-
-[provisioning.parameters]
-SerialNumber = "{serial}"
-
-[agent]
-state_dir = "{state or folder / "state"}"
-"""
-    )
-    return path
-
-
-def run_agent(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, "-m", "agent.cli", "provision", "--config", str(config), *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=90,
-    )
 
 
 def assert_clean(proc: subprocess.CompletedProcess[str]) -> None:
@@ -117,7 +69,7 @@ def state_of(config: Path) -> Keystore:
 
 
 def test_provision_end_to_end(fleet: Fleet) -> None:
-    config = write_config(fleet, "E2E-1")
+    config = agent_config(fleet, "E2E-1")
     proc = run_agent(config)
     assert_clean(proc)
     assert proc.returncode == 0, proc.stderr
@@ -158,7 +110,7 @@ def test_provision_end_to_end(fleet: Fleet) -> None:
 
 
 def test_already_provisioned_says_so_and_succeeds(fleet: Fleet) -> None:
-    config = write_config(fleet, "E2E-AGAIN")
+    config = agent_config(fleet, "E2E-AGAIN")
     assert run_agent(config).returncode == 0
     before = state_of(config).cert_path.read_bytes()
     proc = run_agent(config)
@@ -170,7 +122,7 @@ def test_already_provisioned_says_so_and_succeeds(fleet: Fleet) -> None:
 
 
 def test_force_provisions_again(fleet: Fleet) -> None:
-    config = write_config(fleet, "E2E-FORCE-1")
+    config = agent_config(fleet, "E2E-FORCE-1")
     assert run_agent(config).returncode == 0
     first = state_of(config).load_record()
     proc = run_agent(config, "--force", "--set", "provisioning.parameters.SerialNumber=E2E-FORCE-2")
@@ -183,7 +135,7 @@ def test_force_provisions_again(fleet: Fleet) -> None:
 
 
 def test_a_key_others_can_read_is_refused_with_the_fix(fleet: Fleet) -> None:
-    config = write_config(fleet, "E2E-CHMOD")
+    config = agent_config(fleet, "E2E-CHMOD")
     assert run_agent(config).returncode == 0
     key_path = state_of(config).key_path
     key_path.chmod(0o644)
@@ -193,7 +145,7 @@ def test_a_key_others_can_read_is_refused_with_the_fix(fleet: Fleet) -> None:
 
 def test_one_per_device_claim_is_removed_after_success(fleet: Fleet) -> None:
     [(cert, key)] = bootstrap.issue_claims(fleet.pki.root, name="e2e-single")
-    config = write_config(
+    config = agent_config(
         fleet,
         "E2E-SINGLE",
         claim=(cert, key),
@@ -212,7 +164,7 @@ def test_one_per_device_claim_is_removed_after_success(fleet: Fleet) -> None:
 
 
 def test_unknown_template_is_rejected_with_its_error_code(fleet: Fleet) -> None:
-    config = write_config(fleet, "E2E-NOTEMPLATE")
+    config = agent_config(fleet, "E2E-NOTEMPLATE")
     line = assert_one_line_failure(run_agent(config, "--set", "provisioning.template=nope"))
     assert "RegisterThing rejected: ResourceNotFound (404)" in line
     assert "Provisioning template nope does not exist." in line
@@ -221,8 +173,8 @@ def test_unknown_template_is_rejected_with_its_error_code(fleet: Fleet) -> None:
 
 
 def test_thing_name_conflict_is_rejected(fleet: Fleet) -> None:
-    assert run_agent(write_config(fleet, "E2E-TWIN")).returncode == 0
-    line = assert_one_line_failure(run_agent(write_config(fleet, "E2E-TWIN")))
+    assert run_agent(agent_config(fleet, "E2E-TWIN")).returncode == 0
+    line = assert_one_line_failure(run_agent(agent_config(fleet, "E2E-TWIN")))
     assert "ResourceConflictsException (409)" in line
 
 
@@ -234,7 +186,7 @@ def test_revoked_claim_certificate_is_refused(fleet: Fleet, how: str) -> None:
     if how == "crl":
         fleet.stack.broker.reload()  # the broker now refuses it in the TLS handshake
         time.sleep(0.5)
-    config = write_config(fleet, f"E2E-REVOKED-{how}", claim=(cert, key))
+    config = agent_config(fleet, f"E2E-REVOKED-{how}", claim=(cert, key))
     line = assert_one_line_failure(run_agent(config))
     assert line.startswith("fleet-agent: claim certificate refused: "), line
     if how == "registry":
@@ -244,7 +196,7 @@ def test_revoked_claim_certificate_is_refused(fleet: Fleet, how: str) -> None:
 
 
 def test_broker_unreachable(fleet: Fleet) -> None:
-    config = write_config(fleet, "E2E-UNREACHABLE")
+    config = agent_config(fleet, "E2E-UNREACHABLE")
     port = free_port()
     line = assert_one_line_failure(run_agent(config, "--set", f"broker.port={port}"), code=3)
     assert f"broker unreachable: cannot reach the broker at 127.0.0.1:{port}" in line
@@ -252,7 +204,7 @@ def test_broker_unreachable(fleet: Fleet) -> None:
 
 
 def test_untrusted_broker(fleet: Fleet) -> None:
-    config = write_config(fleet, "E2E-UNTRUSTED")
+    config = agent_config(fleet, "E2E-UNTRUSTED")
     line = assert_one_line_failure(
         run_agent(config, "--set", f"broker.ca_file={fleet.pki.claim_cert}")
     )
@@ -260,7 +212,7 @@ def test_untrusted_broker(fleet: Fleet) -> None:
 
 
 def test_config_problems_are_one_line_each(fleet: Fleet) -> None:
-    config = write_config(fleet, "E2E-CONFIG")
+    config = agent_config(fleet, "E2E-CONFIG")
     proc = run_agent(config, "--set", "broker.port=x", "--set", "broker.colour=blue")
     assert_clean(proc)
     assert proc.returncode == 2
@@ -270,10 +222,10 @@ def test_config_problems_are_one_line_each(fleet: Fleet) -> None:
 
 
 def test_help() -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
         [sys.executable, "-m", "agent.cli", "--help"],
-        cwd=ROOT,
+        cwd=REPO,
         env=env,
         capture_output=True,
         text=True,

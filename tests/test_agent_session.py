@@ -4,10 +4,7 @@ TLS servers: each failure stage gets its own error, and the asyncio plumbing hol
 from __future__ import annotations
 
 import asyncio
-import os
 import ssl
-import subprocess
-import sys
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -32,9 +29,8 @@ from agent.session import (
 )
 from broker.pki import CertificateAuthority
 from broker.registry import CertificateRole
-from tests.fleet import Credentials, Fleet, free_port, running_fleet
+from tests.fleet import Credentials, Fleet, agent_config, free_port, run_agent, running_fleet
 
-ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
 
 
@@ -307,31 +303,10 @@ def test_one_context_serves_many_sessions(fleet: Fleet) -> None:
 
 
 def test_cli_reports_a_timeout_when_nobody_answers(fleet: Fleet, tmp_path: Path) -> None:
-    config = tmp_path / "agent.toml"
-    config.write_text(
-        f"""
-[broker]
-endpoint = "{fleet.config.connect_host}"
-port = {fleet.config.port}
-ca_file = "{fleet.pki.ca_cert}"
-[claim]
-certificate = "{fleet.claim.cert}"
-key = "{fleet.claim.key}"
-[provisioning]
-timeout = 0.5
-max_attempts = 2
-[agent]
-state_dir = "{tmp_path / "state"}"
-"""
+    config = agent_config(
+        fleet, None, provisioning="timeout = 0.5\nmax_attempts = 2", state=tmp_path / "state"
     )
-    proc = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "provision", "--config", str(config)],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = run_agent(config)
     assert proc.returncode == 3, proc.stderr
     assert "Traceback" not in proc.stderr
     [line] = proc.stderr.splitlines()

@@ -19,7 +19,7 @@ from cryptography.x509.oid import NameOID
 from agent import wire
 from broker.pki import write_private_key, write_public_file
 from broker.registry import CertificateStatus
-from tests.fleet import Client, Credentials, Fleet, make_workdir
+from tests.fleet import Client, Credentials, Fleet, running_fleet
 
 CSR_TOPIC = wire.create_certificate_from_csr()
 TEMPLATE = "fleet-default"
@@ -50,18 +50,13 @@ BROKEN_TEMPLATE = {
 @pytest.fixture(scope="module")
 def fleet() -> Iterator[Fleet]:
     """The whole stack, services included, with two extra templates."""
-    running = Fleet(make_workdir(), services=True)
-    folder = running.config.templates_dir
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "hooked.json").write_text(json.dumps(HOOKED_TEMPLATE))
-    (folder / "hooked.hook.json").write_text(json.dumps({"allowSerials": ["ALLOWED-1"]}))
-    (folder / "broken.json").write_text(json.dumps(BROKEN_TEMPLATE))
-    running.stack.start()
-    try:
+    templates = {
+        "hooked.json": HOOKED_TEMPLATE,
+        "hooked.hook.json": {"allowSerials": ["ALLOWED-1"]},
+        "broken.json": BROKEN_TEMPLATE,
+    }
+    with running_fleet(services=True, templates=templates) as running:
         yield running
-    finally:
-        running.close_clients()
-        running.stack.stop()
 
 
 @dataclass
