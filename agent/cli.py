@@ -8,22 +8,33 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
+import json
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Final
 
+from agent import control, wire
 from agent.config import DEFAULT_CONFIG, AgentConfig, ConfigError, claim_file_problems, load_config
-from agent.keystore import Keystore, KeystoreError, remove_durably
+from agent.device import Device, SetupError, one_shot, serve_device
+from agent.instance import AlreadyRunning, InstanceLock
+from agent.keystore import Keystore, KeystoreError, Provisioned, remove_durably
 from agent.onboarding import ClaimSettings, OnboardingFailed, onboard
 from agent.provisioning import RetryPolicy
+from agent.reconnect import Backoff
+from agent.runtime import CertificateRevoked
 from agent.session import SessionError, tls_context
+from agent.shadow_sync import ShadowRejected, ShadowSync
 
 PROG: Final = "fleet-agent"
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1  # permanent: refused, rejected, bad state
 EXIT_USAGE: Final = 2  # command line or configuration
 EXIT_TRANSIENT: Final = 3  # unreachable, timeout, lost connection, 5xx: try again later
+EXIT_REVOKED: Final = 4  # the device certificate is revoked: re-provision or replace it
 EXIT_INTERNAL: Final = 70
 EXIT_INTERRUPTED: Final = 130
 
@@ -36,14 +47,34 @@ class Failure(Exception):
         self.code = code
 
 
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        type=str,
+        default=str(DEFAULT_CONFIG),
+        metavar="PATH",
+        help=f"agent configuration (default {DEFAULT_CONFIG})",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set broker.port=8884 or "
+        "--set provisioning.parameters.SerialNumber=SN-1 (repeatable)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="The mqtt-fleet device agent: onboarding by claim (AWS IoT Fleet "
-        "Provisioning MQTT API) against AWS IoT Core or the local broker side.",
+        "Provisioning MQTT API) and Device Shadow sync, against AWS IoT Core or the local "
+        "broker side.",
         epilog=f"exit codes: {EXIT_OK} success, {EXIT_FAILED} refused or rejected, "
         f"{EXIT_USAGE} bad command line or config, {EXIT_TRANSIENT} broker unreachable or "
-        "timeout (try again later)",
+        f"timeout (try again later), {EXIT_REVOKED} the device certificate is revoked",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     provision = commands.add_parser(
@@ -53,27 +84,45 @@ def build_parser() -> argparse.ArgumentParser:
         "a thing through the provisioning template, store the key, certificate and record in "
         "the state folder, then reconnect with the new certificate to prove it works.",
     )
-    provision.add_argument(
-        "--config",
-        type=str,
-        default=str(DEFAULT_CONFIG),
-        metavar="PATH",
-        help=f"agent configuration (default {DEFAULT_CONFIG})",
-    )
-    provision.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set broker.port=8884 or "
-        "--set provisioning.parameters.SerialNumber=SN-1 (repeatable)",
-    )
+    _common(provision)
     provision.add_argument(
         "--force",
         action="store_true",
         help="provision again even if the state folder holds working credentials",
     )
+    run = commands.add_parser(
+        "run",
+        help="run the agent: provision if needed, then keep the shadows in sync",
+        description="Onboard on first start, then stay connected with the device's own "
+        "certificate: apply desired state through the handlers, report device facts and "
+        "handler results, queue reports on disk while offline, reconnect with backoff. "
+        "Stops on SIGTERM or Ctrl-C.",
+    )
+    _common(run)
+    shadow = commands.add_parser(
+        "shadow",
+        help="read this device's shadow or report state (through the running agent if any)",
+        description="While `fleet-agent run` is running these go through it (one connection "
+        "per thing); otherwise they connect once themselves.",
+    )
+    shadow_commands = shadow.add_subparsers(dest="shadow_command", metavar="ACTION")
+    shadow_commands.required = True
+    get = shadow_commands.add_parser("get", help="print the shadow document")
+    report = shadow_commands.add_parser(
+        "report",
+        help="report state: key=value ... (JSON values; dotted keys nest; null deletes)",
+    )
+    report.add_argument("assignments", nargs="+", metavar="key=value")
+    report.add_argument(
+        "--wait",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long to wait for the service to accept it (default 10)",
+    )
+    for sub in (get, report):
+        _common(sub)
+        sub.add_argument("--name", help="a named shadow (default: the classic shadow)")
     return parser
 
 
@@ -131,16 +180,218 @@ def cmd_provision(args: argparse.Namespace) -> int:
         f"provisioned thing {done.result.thing_name} (certificate "
         f"{done.result.certificate_id[:12]}…) in {done.seconds:.2f} s"
     )
-    if config.claim.remove_after_provisioning:
-        for path in (config.claim.key, config.claim.certificate):
-            try:
-                remove_durably(path)
-            except OSError as exc:
-                print(
-                    f"{PROG}: warning: could not remove the claim file {path}: {exc.strerror}",
-                    file=sys.stderr,
-                )
+    _remove_claim_if_configured(config)
     return EXIT_OK
+
+
+def _load(args: argparse.Namespace) -> tuple[AgentConfig, Keystore]:
+    try:
+        config = load_config(args.config, args.overrides, check_claim_files=False)
+    except ConfigError as exc:
+        raise Failure(str(exc), EXIT_USAGE) from None
+    logging.getLogger().setLevel(config.agent.log_level.upper())
+    return config, Keystore(config.agent.state_dir)
+
+
+def _provisioned(keystore: Keystore) -> Provisioned | None:
+    try:
+        keystore.ensure()
+        return keystore.provisioned()
+    except KeystoreError as exc:
+        raise Failure(str(exc), EXIT_USAGE) from None
+
+
+async def _onboard_until_done(
+    config: AgentConfig, keystore: Keystore, stop: asyncio.Event
+) -> Provisioned | None:
+    """First boot: onboard by claim, retrying transient failures with backoff until ``stop``."""
+    problems = claim_file_problems(config.path, config.claim.certificate, config.claim.key)
+    if problems:
+        raise Failure("\n".join(problems), EXIT_USAGE)
+    settings = _settings(config)
+    backoff = Backoff()
+    while not stop.is_set():
+        try:
+            done = await onboard(settings, keystore)
+        except OnboardingFailed as exc:
+            if not exc.transient:
+                raise Failure(str(exc), EXIT_FAILED) from None
+            delay = backoff.failed("transient")
+            log.warning("onboarding failed (%s); trying again in %.1f s", exc, delay)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            continue
+        log.warning(
+            "provisioned thing %s (certificate %s…)",
+            done.result.thing_name,
+            done.result.certificate_id[:12],
+        )
+        _remove_claim_if_configured(config)
+        return keystore.provisioned()
+    return None
+
+
+def _remove_claim_if_configured(config: AgentConfig) -> None:
+    if not config.claim.remove_after_provisioning:
+        return
+    for path in (config.claim.key, config.claim.certificate):
+        try:
+            remove_durably(path)
+        except OSError as exc:
+            print(
+                f"{PROG}: warning: could not remove the claim file {path}: {exc.strerror}",
+                file=sys.stderr,
+            )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config, keystore = _load(args)
+    _provisioned(keystore)  # creates the folder; refuses a key readable by others
+    lock = InstanceLock(keystore.root)
+    try:
+        lock.acquire()
+    except AlreadyRunning as exc:
+        raise Failure(str(exc), EXIT_FAILED) from None
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        provisioned = keystore.provisioned() or await _onboard_until_done(config, keystore, stop)
+        if provisioned is None:
+            return EXIT_OK
+        device = Device(config, keystore, provisioned)
+        try:
+            await serve_device(device, stop)
+        except SetupError as exc:
+            raise Failure(str(exc), EXIT_USAGE) from None
+        return EXIT_OK
+
+    try:
+        return asyncio.run(main())
+    except CertificateRevoked as exc:
+        raise Failure(
+            f"{exc}; this device must be provisioned again (fleet-agent provision --force) "
+            "or given a new certificate",
+            EXIT_REVOKED,
+        ) from None
+    finally:
+        lock.release()
+
+
+def cmd_shadow(args: argparse.Namespace) -> int:
+    config, keystore = _load(args)
+    provisioned = _provisioned(keystore)
+    if provisioned is None:
+        raise Failure(
+            f"this device is not provisioned yet (no credentials in {keystore.root}); run "
+            f"{PROG} provision or {PROG} run first",
+            EXIT_USAGE,
+        )
+    shadow = args.name
+    if shadow is not None and shadow not in config.shadow.names:
+        config = dataclasses.replace(
+            config,
+            shadow=dataclasses.replace(config.shadow, names=(*config.shadow.names, shadow)),
+        )
+    patch: dict[str, object] = {}
+    if args.shadow_command == "report":
+        try:
+            patch = wire.state_from_assignments(args.assignments)
+        except ValueError as exc:
+            raise Failure(str(exc), EXIT_USAGE) from None
+
+    lock = InstanceLock(keystore.root)
+    if lock.held_elsewhere():
+        return _shadow_via_daemon(keystore, args, shadow, patch)
+    try:
+        lock.acquire()
+    except AlreadyRunning:  # started meanwhile
+        return _shadow_via_daemon(keystore, args, shadow, patch)
+    try:
+        return _shadow_one_shot(Device(config, keystore, provisioned), args, shadow, patch)
+    finally:
+        lock.release()
+
+
+def _print_shadow(document: object, shadow: str | None) -> int:
+    if document is None:
+        print(f"{PROG}: shadow {shadow or 'classic'} does not exist yet", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps(document, indent=2, sort_keys=True))
+    return EXIT_OK
+
+
+def _shadow_via_daemon(
+    keystore: Keystore, args: argparse.Namespace, shadow: str | None, patch: dict[str, object]
+) -> int:
+    socket_path = keystore.root / control.SOCKET_NAME
+    request: dict[str, object] = {"op": args.shadow_command, "shadow": shadow}
+    if args.shadow_command == "report":
+        request.update(patch=patch, wait=args.wait)
+    try:
+        answer = control.call(socket_path, request, timeout=max(30.0, args.wait + 5))
+    except control.ControlError as exc:
+        raise Failure(f"running agent: {exc}", EXIT_TRANSIENT) from None
+    if args.shadow_command == "get":
+        return _print_shadow(answer.get("document"), shadow)
+    return _report_outcome(
+        answer.get("changed"), answer.get("sent"), answer.get("version"), answer.get("rejected")
+    )
+
+
+def _report_outcome(changed: object, sent: object, version: object, rejected: object = None) -> int:
+    if isinstance(rejected, dict):
+        raise Failure(
+            f"the shadow service rejected the report: {rejected.get('code')} "
+            f"{rejected.get('message')} (kept in the state folder's shadows/*.rejected.jsonl)",
+            EXIT_FAILED,
+        )
+    if not changed:
+        print("nothing to report: the shadow already says so")
+        return EXIT_OK
+    if sent:
+        print(f"reported (shadow version {version})")
+        return EXIT_OK
+    print(
+        f"{PROG}: saved in the report queue but not accepted yet; the agent sends it when "
+        "the broker is reachable",
+        file=sys.stderr,
+    )
+    return EXIT_TRANSIENT
+
+
+def _shadow_one_shot(
+    device: Device, args: argparse.Namespace, shadow: str | None, patch: dict[str, object]
+) -> int:
+    async def get(sync: ShadowSync) -> object:
+        return await sync.refresh()
+
+    async def report(sync: ShadowSync) -> tuple[bool, bool, int | None, object]:
+        changed = await sync.report(patch)
+        sent = await sync.wait_sent(args.wait) if changed else True
+        rejected = None
+        if sync.rejections:
+            rejected = {"code": sync.rejections[-1].code, "message": sync.rejections[-1].message}
+        return changed, sent, sync.tracker.version, rejected
+
+    try:
+        if args.shadow_command == "get":
+            return _print_shadow(asyncio.run(one_shot(device, shadow, get)), shadow)
+        return _report_outcome(*asyncio.run(one_shot(device, shadow, report)))
+    except SessionError as exc:
+        if args.shadow_command == "report":
+            # The report is in the queue on disk already: nothing is lost.
+            print(
+                f"{PROG}: saved in the report queue; not sent: {exc}; `{PROG} run` sends it "
+                "when the broker is reachable",
+                file=sys.stderr,
+            )
+            return EXIT_TRANSIENT
+        raise Failure(str(exc), EXIT_TRANSIENT) from None
+    except ShadowRejected as exc:
+        raise Failure(str(exc), EXIT_FAILED) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -152,8 +403,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
+    commands = {"provision": cmd_provision, "run": cmd_run, "shadow": cmd_shadow}
     try:
-        return cmd_provision(args)
+        return commands[args.command](args)
     except Failure as failure:
         for line in str(failure).splitlines():
             print(f"{PROG}: {line}", file=sys.stderr)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from agent import wire
+from agent.handlers import UNHANDLED_POLICIES, Unhandled
 from agent.keystore import DEFAULT_STATE_DIR, KEY_TYPES, KeyType
 from agent.provisioning import DEFAULT_COMMON_NAME, DEFAULT_TEMPLATE
 
@@ -67,12 +68,31 @@ class AgentSection:
 
 
 @dataclass(frozen=True)
+class ShadowSection:
+    classic: bool = True
+    names: tuple[str, ...] = ()
+    report_interval: float = 300.0
+    facts_key: str = "device"
+    unhandled: Unhandled = "ignore"
+    command: Path | None = None
+    command_keys: tuple[str, ...] = ()
+    command_timeout: float = 30.0
+    plugins: tuple[str, ...] = ()
+
+    @property
+    def shadows(self) -> tuple[str | None, ...]:
+        """Every shadow to sync: None is the classic shadow."""
+        return ((None,) if self.classic else ()) + self.names
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     path: Path
     broker: BrokerSection
     claim: ClaimSection
     provisioning: ProvisioningSection
     agent: AgentSection
+    shadow: ShadowSection = field(default_factory=ShadowSection)
 
 
 # section -> key -> (kind, required, default). Kinds: str, int, float, bool, path, table.
@@ -100,6 +120,17 @@ SCHEMA: Final[dict[str, dict[str, _Spec]]] = {
         "state_dir": ("path", False, str(DEFAULT_STATE_DIR)),
         "log_level": ("str", False, "warning"),
     },
+    "shadow": {
+        "classic": ("bool", False, True),
+        "names": ("list", False, []),
+        "report_interval": ("float", False, 300.0),
+        "facts_key": ("str", False, "device"),
+        "unhandled": ("str", False, "ignore"),
+        "command": ("path", False, ""),
+        "command_keys": ("list", False, []),
+        "command_timeout": ("float", False, 30.0),
+        "plugins": ("list", False, []),
+    },
 }
 _KIND_NAMES: Final = {
     "str": "a string",
@@ -108,6 +139,7 @@ _KIND_NAMES: Final = {
     "bool": "true or false",
     "path": "a path (string)",
     "table": "a table of strings",
+    "list": "a list of strings",
 }
 
 
@@ -120,6 +152,8 @@ def _type_ok(kind: str, value: object) -> bool:
         return isinstance(value, int | float) and not isinstance(value, bool)
     if kind == "bool":
         return isinstance(value, bool)
+    if kind == "list":
+        return isinstance(value, list) and all(isinstance(item, str) for item in value)
     return isinstance(value, dict)
 
 
@@ -135,6 +169,8 @@ def _parse_override(kind: str, raw: str) -> object:
         if lowered in ("false", "no", "0", "off"):
             return False
         raise ValueError(raw)
+    if kind == "list":
+        return [item.strip() for item in raw.split(",") if item.strip()]
     return raw
 
 
@@ -285,6 +321,36 @@ def load_config(
             + ", ".join(LOG_LEVELS)
         )
 
+    sh = values["shadow"]
+    names = sh["names"] if isinstance(sh["names"], list) else []
+    for name in names:
+        if not wire.SHADOW_NAME_PATTERN.fullmatch(name):
+            problems.append(
+                f"{path}: shadow.names: {name!r} is not a shadow name (1-64 characters from "
+                "A-Z a-z 0-9 : _ -)"
+            )
+    if len(set(names)) != len(names):
+        problems.append(f"{path}: shadow.names lists a shadow twice")
+    if sh["classic"] is False and not names:
+        problems.append(f"{path}: shadow.classic is false and shadow.names is empty: no shadow")
+    if isinstance(sh["report_interval"], int | float) and not 5 <= sh["report_interval"] <= 86400:
+        problems.append(f"{path}: shadow.report_interval must be between 5 and 86400 seconds")
+    if sh["unhandled"] not in UNHANDLED_POLICIES:
+        problems.append(
+            f"{path}: shadow.unhandled {sh['unhandled']!r} is unknown; use one of "
+            + ", ".join(UNHANDLED_POLICIES)
+        )
+    if isinstance(sh["command_timeout"], int | float) and not 0 < sh["command_timeout"] <= 3600:
+        problems.append(f"{path}: shadow.command_timeout must be between 0 and 3600 seconds")
+    command = as_path(sh["command"])
+    if command is not None:
+        if not command.is_file():
+            problems.append(f"{path}: shadow.command {command} does not exist")
+        elif not os.access(command, os.X_OK):
+            problems.append(
+                f"{path}: shadow.command {command} is not executable; run: chmod +x {command}"
+            )
+
     ca_file, claim_cert, claim_key = (
         as_path(b["ca_file"]),
         as_path(c["certificate"]),
@@ -312,6 +378,17 @@ def load_config(
             max_attempts=p["max_attempts"],
         ),
         agent=AgentSection(state_dir=state_dir, log_level=a["log_level"]),
+        shadow=ShadowSection(
+            classic=sh["classic"],
+            names=tuple(names),
+            report_interval=float(sh["report_interval"]),
+            facts_key=sh["facts_key"],
+            unhandled=sh["unhandled"],
+            command=command,
+            command_keys=tuple(sh["command_keys"]),
+            command_timeout=float(sh["command_timeout"]),
+            plugins=tuple(sh["plugins"]),
+        ),
     )
 
 

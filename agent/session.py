@@ -306,6 +306,7 @@ class Session:
         self._request_locks: dict[tuple[str, ...], asyncio.Lock] = {}
         self._subscribed: set[str] = set()
         self._last_error: str | None = None
+        self._routes: dict[str, MessageHandler] = {}
         self.handler: MessageHandler | None = None
         self.disconnect_reason: str | None = None
 
@@ -330,6 +331,13 @@ class Session:
 
     async def wait_closed(self) -> None:
         await asyncio.shield(self._closed)
+
+    def route(self, topic: str, handler: MessageHandler) -> None:
+        """Deliver messages on exactly ``topic`` to ``handler`` (on the event loop thread).
+
+        Messages awaited by `request` go there first; messages no route takes go to
+        ``self.handler``."""
+        self._routes[topic] = handler
 
     async def subscribe(
         self, *topic_filters: str, qos: int = 1, timeout: float = 10.0
@@ -609,9 +617,10 @@ class Session:
             if not future.done():
                 future.set_result(delivered)
                 return
-        if self.handler is not None:
+        handler = self._routes.get(delivered.topic, self.handler)
+        if handler is not None:
             try:
-                self.handler(delivered)
+                handler(delivered)
             except Exception:
                 log.exception("session %s: message handler failed", self.client_id)
         else:

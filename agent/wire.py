@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from typing import Final, Literal
 
 PayloadFormat = Literal["json", "cbor"]
@@ -176,3 +177,27 @@ def shadow_reply(
 ) -> str:
     """``<prefix>/<operation>/<accepted|rejected>``."""
     return f"{shadow_topic(thing_name, operation, shadow_name)}/{outcome}"
+
+
+def state_from_assignments(assignments: Iterable[str]) -> dict[str, object]:
+    """``a.b=1 c="x" d=null`` -> ``{"a": {"b": 1}, "c": "x", "d": None}``: the command-line
+    notation for shadow state. Values are JSON when they parse, strings otherwise; dotted keys
+    nest. Raises ValueError naming the bad assignment."""
+    state: dict[str, object] = {}
+    for assignment in assignments:
+        key, sep, raw = assignment.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ValueError(f"{assignment!r} is not key=value (JSON values allowed)")
+        try:
+            value: object = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = state
+        *parents, leaf = key.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"{key}: {part} is set to a value and used as an object")
+            node = child
+        node[leaf] = value
+    return state

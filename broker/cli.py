@@ -233,25 +233,10 @@ def cmd_templates(args: argparse.Namespace) -> int:
 
 
 def _desired_state(assignments: Sequence[str]) -> dict[str, object]:
-    """``a.b=1 c="x" d=null`` -> nested desired state; values are JSON when they parse."""
-    state: dict[str, object] = {}
-    for assignment in assignments:
-        key, sep, raw = assignment.partition("=")
-        if not sep or not key or any(not part for part in key.split(".")):
-            raise CommandError(f"{assignment!r} is not key=value (JSON values allowed)")
-        try:
-            value: object = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        node = state
-        *parents, leaf = key.split(".")
-        for part in parents:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise CommandError(f"{key}: {part} is set to a value and used as an object")
-            node = child
-        node[leaf] = value
-    return state
+    try:
+        return wire.state_from_assignments(assignments)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
 
 
 def cmd_shadow(args: argparse.Namespace) -> int:

@@ -325,8 +325,10 @@ def agent_config(
     extra: str = "",
     provisioning: str = "timeout = 10",
     state: Path | None = None,
+    shadow: str = "",
 ) -> Path:
-    """An agent.toml for ``fleet``'s broker, in a fresh folder."""
+    """An agent.toml for ``fleet``'s broker, in a fresh folder. ``shadow``: the body of its
+    [shadow] section."""
     folder = make_workdir()
     cert, key = claim or (fleet.pki.claim_cert, fleet.pki.claim_key)
     parameters = f'\n[provisioning.parameters]\nSerialNumber = "{serial}"\n' if serial else ""
@@ -347,18 +349,41 @@ key = "{key}"
 {parameters}
 [agent]
 state_dir = "{state or folder / "state"}"
+
+[shadow]
+{shadow}
 """
     )
     return path
 
 
-def run_agent(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """``fleet-agent provision --config <config>`` as a real subprocess."""
+AGENT_ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def fleet_agent(*args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    """``fleet-agent <args>`` as a real subprocess, to completion."""
     return subprocess.run(
-        [sys.executable, "-m", "agent.cli", "provision", "--config", str(config), *args],
+        [sys.executable, "-m", "agent.cli", *args],
         cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env=AGENT_ENV,
         capture_output=True,
         text=True,
-        timeout=90,
+        timeout=timeout,
+    )
+
+
+def run_agent(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``fleet-agent provision --config <config>`` as a real subprocess."""
+    return fleet_agent("provision", "--config", str(config), *args)
+
+
+def start_agent_daemon(config: Path, *args: str) -> subprocess.Popen[str]:
+    """``fleet-agent run --config <config>`` in the background; stop it with SIGTERM."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "run", "--config", str(config), *args],
+        cwd=REPO,
+        env=AGENT_ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )

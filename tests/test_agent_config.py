@@ -113,7 +113,7 @@ def test_unknown_section_is_reported(folder: Path) -> None:
     found = problems(write(folder, MINIMAL + "[extra]\nx = 1\n"))
     assert found == [
         f"{folder / 'agent.toml'}: unknown section [extra] (known: broker, "
-        "claim, provisioning, agent)"
+        "claim, provisioning, agent, shadow)"
     ]
 
 
@@ -148,3 +148,36 @@ def test_bad_overrides(folder: Path, override: str, message: str) -> None:
 def test_not_toml_and_no_file(folder: Path) -> None:
     assert "not valid TOML" in problems(write(folder, "[broker"))[0]
     assert "no such config file" in problems(folder / "absent.toml")[0]
+
+
+def test_shadow_section_defaults_sync_the_classic_shadow(folder: Path) -> None:
+    shadow = load_config(write(folder, MINIMAL)).shadow
+    assert shadow.shadows == (None,)
+    assert shadow.unhandled == "ignore" and shadow.command is None
+    assert shadow.facts_key == "device" and shadow.report_interval == 300
+
+
+def test_shadow_section_is_validated_with_one_line_per_problem(folder: Path) -> None:
+    (folder / "apply.sh").write_text("#!/bin/sh\necho '{}'\n")  # not executable
+    found = problems(
+        write(
+            folder,
+            MINIMAL
+            + '[shadow]\nclassic = false\nnames = ["ok", "bad/name", "ok"]\n'
+            + 'unhandled = "maybe"\ncommand = "apply.sh"\nreport_interval = 1\n',
+        )
+    )
+    text = "\n".join(found)
+    assert "'bad/name' is not a shadow name" in text
+    assert "lists a shadow twice" in text
+    assert "shadow.unhandled 'maybe' is unknown; use one of ignore, echo" in text
+    assert f"run: chmod +x {folder / 'apply.sh'}" in text
+    assert "report_interval must be between 5 and 86400" in text
+    assert len(found) == 5
+
+
+def test_shadow_lists_can_be_overridden(folder: Path) -> None:
+    config = load_config(write(folder, MINIMAL), ["shadow.names=config, lights"])
+    assert config.shadow.shadows == (None, "config", "lights")
+    found = problems(write(folder, MINIMAL + "[shadow]\nnames = [1]\n"))
+    assert found == [f"{folder / 'agent.toml'}: shadow.names must be a list of strings, got [1]"]

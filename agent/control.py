@@ -1,0 +1,103 @@
+"""The running agent's local control socket: how ``fleet-agent shadow|status`` reach it.
+
+Only one connection per thing may exist at the broker (the client id is the thing name), so a
+command run at the device while the daemon is up must go through the daemon rather than connect
+itself. ``<state>/agent.sock`` is a Unix socket, mode 0600 inside the 0700 state folder: only
+the agent's own user (or root) can use it. One JSON line in, one JSON line out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Final
+
+log = logging.getLogger("fleet.agent.control")
+
+SOCKET_NAME: Final = "agent.sock"
+MAX_LINE: Final = 64 * 1024
+
+Operation = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+class ControlError(Exception):
+    """The agent could not be asked, or said no; the message says why."""
+
+
+async def serve(path: Path, operations: dict[str, Operation]) -> asyncio.AbstractServer:
+    """Listen on ``path`` (a stale socket from a crash is replaced; the caller holds the
+    instance lock, so it cannot belong to a live agent)."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 10)
+            try:
+                request = json.loads(line)
+                if not isinstance(request, dict):
+                    raise ValueError("not an object")
+                operation = operations.get(str(request.get("op")))
+                if operation is None:
+                    answer = {"ok": False, "error": f"unknown operation {request.get('op')!r}"}
+                else:
+                    answer = await operation(request)
+            except ValueError as exc:
+                answer = {"ok": False, "error": f"bad request: {exc}"}
+            except ControlError as exc:
+                answer = {"ok": False, "error": str(exc)}
+            writer.write(json.dumps(answer).encode() + b"\n")
+            await writer.drain()
+        except (asyncio.TimeoutError, ConnectionError, asyncio.LimitOverrunError):
+            pass
+        except Exception:
+            log.exception("control request failed")
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    old_umask = os.umask(0o177)
+    try:
+        server = await asyncio.start_unix_server(handle, path, limit=MAX_LINE)
+    finally:
+        os.umask(old_umask)
+    return server
+
+
+def call(path: Path, request: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+    """Ask the running agent; raise ControlError if it cannot be reached or answers no."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(path))
+            sock.sendall(json.dumps(request).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+    except PermissionError:
+        raise ControlError(
+            f"not allowed to use {path}; run as the agent's user (or root)"
+        ) from None
+    except TimeoutError:
+        raise ControlError(f"the running agent did not answer within {timeout:g} s") from None
+    except OSError as exc:
+        raise ControlError(f"cannot reach the running agent at {path}: {exc.strerror}") from None
+    try:
+        answer = json.loads(data)
+    except json.JSONDecodeError:
+        raise ControlError("the running agent gave no answer") from None
+    if not isinstance(answer, dict):
+        raise ControlError("the running agent gave an unexpected answer")
+    if not answer.get("ok"):
+        raise ControlError(str(answer.get("error", "refused")))
+    return answer

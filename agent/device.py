@@ -1,0 +1,197 @@
+"""The device agent assembled from its configuration: what ``fleet-agent run`` and
+``fleet-agent shadow`` execute.
+
+`build_runtime` wires the handlers (Python plugins and the command hook), the report queues in
+the state folder and the built-in reporters into a `DeviceRuntime`. `serve_device` runs it with
+the control socket; `one_shot` connects once for a command at the device while no daemon runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from agent import control
+from agent.config import AgentConfig
+from agent.handlers import CommandHandler, HandlerRegistry, HandlerSet, PluginError, load_plugin
+from agent.keystore import Keystore, Provisioned
+from agent.reporters import device_reporter
+from agent.runtime import DeviceRuntime, RuntimeSettings
+from agent.session import connect, tls_context
+from agent.shadow_sync import FileQueueStore, ShadowSync
+
+T = TypeVar("T")
+
+
+class SetupError(Exception):
+    """The configuration cannot be turned into a running agent; the message says why."""
+
+
+@dataclass(frozen=True)
+class Device:
+    config: AgentConfig
+    keystore: Keystore
+    provisioned: Provisioned
+
+    @property
+    def thing(self) -> str:
+        return self.provisioned.record.thing_name
+
+    def settings(self) -> RuntimeSettings:
+        return RuntimeSettings(
+            endpoint=self.config.broker.endpoint,
+            port=self.config.broker.port,
+            ca_file=self.config.broker.ca_file,
+            thing=self.thing,
+            cert_file=self.provisioned.cert_path,
+            key_file=self.provisioned.key_path,
+            report_interval=self.config.shadow.report_interval,
+            timeout=self.config.provisioning.timeout,
+        )
+
+    def queue_store(self, shadow: str | None) -> FileQueueStore:
+        return FileQueueStore(self.keystore.root / "shadows", shadow)
+
+
+def handler_registry(config: AgentConfig) -> HandlerRegistry:
+    """Plugins first, then the command hook on every synced shadow."""
+    section = config.shadow
+    registry = HandlerRegistry(section.unhandled)
+    for spec in section.plugins:
+        try:
+            load_plugin(spec, registry)
+        except PluginError as exc:
+            raise SetupError(str(exc)) from None
+    stray = [s for s in registry.shadows() if s not in section.shadows]
+    if stray:
+        names = ", ".join(s or "classic" for s in stray)
+        raise SetupError(
+            f"handler plugins registered handlers for shadow(s) {names} that the agent does not "
+            "sync; add them to shadow.names (or set shadow.classic = true)"
+        )
+    if section.command is not None:
+        hook = CommandHandler(section.command, section.command_timeout)
+        for shadow in section.shadows:
+            try:
+                registry.register(hook, section.command_keys or None, shadow=shadow)
+            except ValueError as exc:
+                raise SetupError(f"shadow.command: {exc}") from None
+    return registry
+
+
+def build_runtime(device: Device) -> DeviceRuntime:
+    section = device.config.shadow
+    registry = handler_registry(device.config)
+    syncs = [
+        ShadowSync(
+            device.thing,
+            shadow,
+            registry.for_shadow(shadow),
+            device.queue_store(shadow),
+            timeout=device.config.provisioning.timeout,
+        )
+        for shadow in section.shadows
+    ]
+    reporters = (
+        [device_reporter(section.facts_key, disk_path=device.keystore.root)]
+        if section.facts_key
+        else []
+    )
+    return DeviceRuntime(device.settings(), syncs, reporters)
+
+
+def control_operations(runtime: DeviceRuntime) -> dict[str, control.Operation]:
+    def sync_of(request: dict[str, Any]) -> ShadowSync:
+        try:
+            return runtime.sync(request.get("shadow"))
+        except KeyError as exc:
+            raise control.ControlError(str(exc.args[0])) from None
+
+    async def status(_: dict[str, Any]) -> dict[str, Any]:
+        return {"ok": True, "status": runtime.status()}
+
+    async def get(request: dict[str, Any]) -> dict[str, Any]:
+        sync = sync_of(request)
+        if runtime.session is None:
+            raise control.ControlError(
+                f"the agent is not connected ({runtime.last_error or runtime.state}); "
+                "try again later"
+            )
+        try:
+            document = await sync.refresh()
+        except Exception as exc:
+            raise control.ControlError(str(exc)) from None
+        return {"ok": True, "document": document}
+
+    async def report(request: dict[str, Any]) -> dict[str, Any]:
+        sync = sync_of(request)
+        patch = request.get("patch")
+        if not isinstance(patch, dict) or not patch:
+            raise control.ControlError("report needs a non-empty patch object")
+        rejected_before = len(sync.rejections)
+        changed = await sync.report(patch)
+        wait = float(request.get("wait", 10.0))
+        sent = await sync.wait_sent(wait) if changed else True
+        answer: dict[str, Any] = {
+            "ok": True,
+            "changed": changed,
+            "sent": sent,
+            "version": sync.tracker.version,
+        }
+        if len(sync.rejections) > rejected_before:
+            last = sync.rejections[-1]
+            answer["rejected"] = {"code": last.code, "message": last.message}
+        return answer
+
+    return {"status": status, "get": get, "report": report}
+
+
+async def serve_device(device: Device, stop: asyncio.Event) -> None:
+    """The daemon: control socket + runtime until ``stop``. The caller holds the lock."""
+    runtime = build_runtime(device)
+    socket_path = device.keystore.root / control.SOCKET_NAME
+    server = await control.serve(socket_path, control_operations(runtime))
+    try:
+        await runtime.run(stop)
+    finally:
+        server.close()
+        with contextlib.suppress(Exception):
+            await server.wait_closed()
+        socket_path.unlink(missing_ok=True)
+
+
+async def one_shot(
+    device: Device, shadow: str | None, action: Callable[[ShadowSync], Awaitable[T]]
+) -> T:
+    """Connect once as the thing, sync ``shadow`` without applying desired state (that is the
+    daemon's job), run ``action`` and disconnect. The caller holds the lock."""
+    settings = device.settings()
+    sync = ShadowSync(
+        device.thing,
+        shadow,
+        HandlerSet("ignore"),
+        device.queue_store(shadow),
+        timeout=settings.timeout,
+    )
+    session = await connect(
+        settings.endpoint,
+        settings.port,
+        client_id=settings.thing,
+        context=tls_context(settings.ca_file, settings.cert_file, settings.key_file),
+        timeout=settings.timeout,
+    )
+    try:
+        sync.attach(session)
+        await session.subscribe(*sync.subscriptions(), timeout=settings.timeout)
+        serving = asyncio.create_task(sync.serve(session))
+        try:
+            return await action(sync)
+        finally:
+            serving.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await serving
+    finally:
+        await session.disconnect()

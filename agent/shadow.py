@@ -1,0 +1,351 @@
+"""The device's half of the Device Shadow rules: pure logic, no I/O.
+
+- `merge`: AWS's update merge, applied locally to keep the device's view of ``reported``.
+- `compose`: one update equivalent to two in a row (None when MQTT cannot express it in one),
+  which is what lets reports made while offline go out as a single update on reconnect.
+- `ReportQueue`: the outgoing reports, composed as far as the merge rules allow.
+- `ShadowTracker`: the versions seen (stale messages dropped, as the API asks clients to do),
+  the desired keys already handed to the handlers, and the requests and reports to send.
+
+Values compare the way the service compares them: numbers numerically (1 == 1.0, but a bool is
+never a number), objects key by key, arrays whole.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+Document = dict[str, Any]
+
+#: AWS's limit on clientToken: 64 bytes.
+CLIENT_TOKEN_BYTES: Final = 64
+
+
+class ShadowProtocolError(ValueError):
+    """A reply from the service that is not a Device Shadow document."""
+
+
+# ----------------------------------------------------------------------------- values
+
+
+def same_value(a: object, b: object) -> bool:
+    """Equality as the delta computation sees it."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b, strict=True))
+    return type(a) is type(b) and a == b
+
+
+def _without_nulls(value: object) -> object:
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    return value
+
+
+def merge(base: Mapping[str, Any] | None, patch: Mapping[str, Any]) -> Document:
+    """``base`` after an update of ``patch``: objects merge recursively, ``null`` deletes a key,
+    anything else (arrays included) replaces. ``base`` is not modified."""
+    result: Document = dict(base or {})
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        elif isinstance(value, dict):
+            current = result.get(key)
+            result[key] = merge(current if isinstance(current, dict) else None, value)
+        else:
+            result[key] = value
+    return result
+
+
+def compose(first: Mapping[str, Any], second: Mapping[str, Any]) -> Document | None:
+    """One patch with the effect of ``first`` then ``second`` on any document, or None.
+
+    Not expressible: ``second`` merges an object into a key that ``first`` deleted or set to a
+    non-object. The pair means "replace the object", one update can only say "merge into it".
+    """
+    result: Document = dict(first)
+    for key, value in second.items():
+        if key not in first or not isinstance(value, dict):
+            result[key] = value
+            continue
+        earlier = first[key]
+        if not isinstance(earlier, dict):
+            return None
+        inner = compose(earlier, value)
+        if inner is None:
+            return None
+        result[key] = inner
+    return result
+
+
+def changes(patch: Mapping[str, Any], known: Mapping[str, Any]) -> Document:
+    """The part of ``patch`` that would change ``known`` (reporting the rest is a no-op)."""
+    result: Document = {}
+    for key, value in patch.items():
+        if value is None:
+            if key in known:
+                result[key] = None
+        elif isinstance(value, dict) and isinstance(known.get(key), dict):
+            inner = changes(value, known[key])
+            if inner:
+                result[key] = inner
+        elif isinstance(value, dict):
+            if key in known or _without_nulls(value):
+                result[key] = value
+        elif key not in known or not same_value(value, known[key]):
+            result[key] = value
+    return result
+
+
+def delta_of(desired: Mapping[str, Any], reported: Mapping[str, Any]) -> Document:
+    """The service's delta: every desired key whose reported value differs (objects compared
+    key by key, keys only in ``reported`` ignored)."""
+    delta: Document = {}
+    for key, wanted in desired.items():
+        if key not in reported or reported[key] is None:
+            delta[key] = wanted
+        elif isinstance(wanted, dict) and isinstance(reported[key], dict):
+            inner = delta_of(wanted, reported[key])
+            if inner:
+                delta[key] = inner
+        elif not same_value(wanted, reported[key]):
+            delta[key] = wanted
+    return delta
+
+
+def new_client_token(prefix: str = "fa") -> str:
+    """Random and well under the 64-byte limit."""
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+# ------------------------------------------------------------------------ report queue
+
+
+@dataclass
+class ReportQueue:
+    """Reports not yet accepted by the service, oldest first, composed where possible.
+
+    Normally this is a single patch however many reports were made offline; a second one starts
+    only where `compose` cannot merge (a key deleted, then given an object).
+    """
+
+    patches: list[Document] = field(default_factory=list)
+    #: The first patch is on the wire: nothing may be composed into it any more.
+    head_sealed: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.patches)
+
+    def add(self, patch: Mapping[str, Any]) -> None:
+        if not patch:
+            return
+        if self.patches and not (self.head_sealed and len(self.patches) == 1):
+            composed = compose(self.patches[-1], copy.deepcopy(dict(patch)))
+            if composed is not None:
+                self.patches[-1] = composed
+                return
+        self.patches.append(copy.deepcopy(dict(patch)))
+
+    def head(self) -> Document | None:
+        return self.patches[0] if self.patches else None
+
+    def pop_head(self) -> None:
+        if self.patches:
+            self.patches.pop(0)
+        self.head_sealed = False
+
+    def encode(self) -> bytes:
+        return json.dumps({"format": 1, "patches": self.patches}, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> ReportQueue:
+        try:
+            document = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"not JSON: {exc}") from None
+        patches = document.get("patches") if isinstance(document, dict) else None
+        if not isinstance(patches, list) or not all(isinstance(p, dict) for p in patches):
+            raise ValueError("no list of report patches")
+        return cls(patches)
+
+
+# ----------------------------------------------------------------------- the tracker
+
+
+def update_request(
+    reported: Mapping[str, Any], client_token: str, version: int | None = None
+) -> Document:
+    """An ``/update`` request that reports ``reported``; with ``version``, optimistic locking."""
+    request: Document = {"state": {"reported": dict(reported)}, "clientToken": client_token}
+    if version is not None:
+        request["version"] = version
+    return request
+
+
+def _object(document: object, what: str) -> Document:
+    if not isinstance(document, dict):
+        raise ShadowProtocolError(f"{what} is not a JSON object")
+    return document
+
+
+def _version(document: Mapping[str, Any], what: str) -> int:
+    version = document.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise ShadowProtocolError(f"{what} has no valid version")
+    return version
+
+
+def _section(state: Mapping[str, Any], name: str) -> Document:
+    section = state.get(name)
+    return section if isinstance(section, dict) else {}
+
+
+@dataclass
+class Rejection:
+    """A ``/rejected`` reply: AWS's error document."""
+
+    code: int
+    message: str
+    client_token: str | None
+
+    @classmethod
+    def parse(cls, document: object) -> Rejection:
+        doc = _object(document, "rejected reply")
+        code = doc.get("code")
+        if not isinstance(code, int) or isinstance(code, bool):
+            raise ShadowProtocolError("rejected reply has no numeric code")
+        token = doc.get("clientToken")
+        return cls(code, str(doc.get("message", "")), token if isinstance(token, str) else None)
+
+    @property
+    def retryable(self) -> bool:
+        """Worth sending again later: conflicts, throttling and service failures."""
+        return self.code in (409, 429) or self.code >= 500
+
+
+@dataclass
+class ShadowTracker:
+    """What the device knows about one shadow, driven by the messages it receives.
+
+    ``version`` is the newest version seen in any message; anything older is stale.
+    ``attempted`` holds the desired values already handed to the handlers, so a delta that is
+    re-sent (after every update that leaves desired unreached) does not re-run them.
+    """
+
+    version: int | None = None
+    exists: bool | None = None
+    desired: Document = field(default_factory=dict)
+    reported: Document = field(default_factory=dict)
+    delta: Document = field(default_factory=dict)
+    attempted: Document = field(default_factory=dict)
+
+    def _is_stale(self, version: int) -> bool:
+        return self.version is not None and version < self.version
+
+    def on_get_accepted(self, document: object) -> Document:
+        """A full document: replace what we know; return its delta."""
+        doc = _object(document, "get/accepted")
+        version = _version(doc, "get/accepted")
+        if self._is_stale(version):
+            return {}
+        state = _section(doc, "state")
+        self.version, self.exists = version, True
+        self.desired = _section(state, "desired")
+        self.reported = _section(state, "reported")
+        self.delta = _section(state, "delta")
+        self._forget_settled()
+        return self.delta
+
+    def on_get_missing(self) -> None:
+        """get/rejected 404: there is no shadow (yet); the first report creates it (at a
+        version we cannot know: it may restart at 1)."""
+        self.version = None
+        self.exists, self.desired, self.reported, self.delta = False, {}, {}, {}
+
+    def on_update_accepted(self, document: object) -> None:
+        doc = _object(document, "update/accepted")
+        version = _version(doc, "update/accepted")
+        if self._is_stale(version):
+            return
+        self.version, self.exists = version, True
+        if "state" in doc and doc["state"] is None:  # "state": null cleared both sections
+            self.desired, self.reported = {}, {}
+        state = _section(doc, "state")
+        if "desired" in state:
+            section = state["desired"]
+            self.desired = (
+                {} if section is None else merge(self.desired, _object(section, "desired"))
+            )
+        if "reported" in state:
+            section = state["reported"]
+            self.reported = (
+                {} if section is None else merge(self.reported, _object(section, "reported"))
+            )
+        # No delta message follows an update that brings the two in sync: work it out here.
+        self.delta = delta_of(self.desired, self.reported)
+        self._forget_settled()
+
+    def on_delta(self, document: object) -> Document | None:
+        """An ``/update/delta``: the out-of-sync desired keys, or None if it is stale."""
+        doc = _object(document, "update/delta")
+        version = _version(doc, "update/delta")
+        if self._is_stale(version):
+            return None
+        self.version, self.exists = version, True
+        self.delta = _section(doc, "state")
+        self._forget_settled()
+        return self.delta
+
+    def on_deleted(self, document: object) -> None:
+        doc = _object(document, "delete/accepted")
+        if self._is_stale(_version(doc, "delete/accepted")):
+            return  # a delete from before what we know (the shadow was re-created since)
+        # A shadow re-created more than 48 h later starts again at version 1: forget ours.
+        self.version = None
+        self.exists, self.desired, self.reported, self.delta = False, {}, {}, {}
+        self.attempted.clear()
+
+    def _forget_settled(self) -> None:
+        """Keys in sync again are no longer "attempted": if they drift out of sync later,
+        with the same desired value, that is new work for the handlers."""
+        for key in [k for k in self.attempted if k not in self.delta]:
+            del self.attempted[key]
+
+    def to_apply(self, delta: Mapping[str, Any]) -> Document:
+        """The top-level keys of ``delta`` not yet handed to the handlers with these values;
+        they are recorded as attempted."""
+        fresh = {
+            key: value
+            for key, value in delta.items()
+            if key not in self.attempted or not same_value(self.attempted[key], value)
+        }
+        self.attempted.update(fresh)
+        return fresh
+
+    def forget_attempts(self, keys: Any) -> None:
+        """Handlers failed on ``keys``: try them again on the next delta, get or tick."""
+        for key in keys:
+            self.attempted.pop(key, None)
+
+    def report_changes(self, patch: Mapping[str, Any], queued: ReportQueue) -> Document:
+        """The part of ``patch`` that changes the reported state the service will have once
+        ``queued`` is sent; empty when reporting it would change nothing."""
+        expected = self.reported
+        for earlier in queued.patches:
+            expected = merge(expected, earlier)
+        return changes(patch, expected)
+
+    def lock_version(self) -> int | None:
+        """The version to send for optimistic locking: the newest one seen, if the shadow
+        exists (a new shadow is created by an update without a version)."""
+        return self.version if self.exists else None

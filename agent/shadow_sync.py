@@ -1,0 +1,389 @@
+"""One shadow kept in sync over whatever session is current: the I/O around agent/shadow.py.
+
+On every connection (`serve`): get the document, hand the out-of-sync desired keys to the
+handlers, report what they reached, send the queued reports; then react to each
+``/update/delta`` and each new report until the connection ends.
+
+Reports go through a `ReportQueue` persisted by a `QueueStore` *before* anything is sent, so a
+report made offline, or made just before the process dies, is sent on the next connection,
+composed with the others into as few updates as the merge rules allow. Updates carry the last
+version seen (optimistic locking); a 409 is answered by a get (which also applies any newer
+desired state) and the same report is sent again: a report is never dropped for a conflict.
+Only a permanent rejection (400, 403, 413, ...) removes it, into a ``.rejected`` file beside
+the queue for the operator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from agent import wire
+from agent.handlers import HandlerSet
+from agent.keystore import write_atomic
+from agent.provisioning import RetryPolicy
+from agent.session import Message, Session, SessionError, SessionTimeout
+from agent.shadow import (
+    Document,
+    Rejection,
+    ReportQueue,
+    ShadowProtocolError,
+    ShadowTracker,
+    merge,
+    new_client_token,
+    update_request,
+)
+
+log = logging.getLogger("fleet.agent.shadow")
+
+
+class ShadowRejected(Exception):
+    def __init__(self, operation: str, rejection: Rejection) -> None:
+        super().__init__(f"shadow {operation} rejected: {rejection.code} {rejection.message}")
+        self.rejection = rejection
+
+
+# ------------------------------------------------------------------------------ storage
+
+
+class QueueStore(Protocol):
+    def load(self) -> ReportQueue: ...
+    def save(self, queue: ReportQueue) -> None: ...
+    def park(self, patch: Document, rejection: Rejection) -> None: ...
+
+
+class MemoryQueueStore:
+    """For virtual devices: the queue lives as long as the process."""
+
+    def __init__(self) -> None:
+        self.saved = ReportQueue()
+        self.parked: list[tuple[Document, Rejection]] = []
+
+    def load(self) -> ReportQueue:
+        return ReportQueue([dict(p) for p in self.saved.patches])
+
+    def save(self, queue: ReportQueue) -> None:
+        self.saved = ReportQueue([dict(p) for p in queue.patches])
+
+    def park(self, patch: Document, rejection: Rejection) -> None:
+        self.parked.append((patch, rejection))
+
+
+def shadow_label(shadow: str | None) -> str:
+    return "classic" if shadow is None else f"named-{shadow}"
+
+
+class FileQueueStore:
+    """``<state>/shadows/<classic|named-N>.pending.json``, replaced atomically on every change.
+
+    A damaged file is renamed aside (``.damaged``), never silently overwritten."""
+
+    def __init__(self, folder: Path, shadow: str | None) -> None:
+        self.folder = folder
+        self.path = folder / f"{shadow_label(shadow)}.pending.json"
+        self.rejected_path = folder / f"{shadow_label(shadow)}.rejected.jsonl"
+
+    def load(self) -> ReportQueue:
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return ReportQueue()
+        try:
+            return ReportQueue.decode(data)
+        except ValueError as exc:
+            aside = self.path.with_suffix(".damaged")
+            self.path.rename(aside)
+            log.error("report queue %s is damaged (%s); moved it to %s", self.path, exc, aside)
+            return ReportQueue()
+
+    def save(self, queue: ReportQueue) -> None:
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if queue:
+            write_atomic(self.path, queue.encode(), 0o600)
+        else:
+            self.path.unlink(missing_ok=True)
+
+    def park(self, patch: Document, rejection: Rejection) -> None:
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        line = {"rejected": {"code": rejection.code, "message": rejection.message}, "patch": patch}
+        with open(self.rejected_path, "a", encoding="utf-8") as stream:
+            stream.write(json.dumps(line, separators=(",", ":")) + "\n")
+            stream.flush()
+
+
+# --------------------------------------------------------------------------- the sync
+
+
+class ShadowSync:
+    """The device side of one shadow of one thing."""
+
+    def __init__(
+        self,
+        thing: str,
+        shadow: str | None,
+        handlers: HandlerSet,
+        store: QueueStore,
+        *,
+        timeout: float = 10.0,
+        retry: RetryPolicy | None = None,
+        store_in_executor: bool = True,
+    ) -> None:
+        self.thing = thing
+        self.shadow = shadow
+        self.handlers = handlers
+        self.store = store
+        self.timeout = timeout
+        self.retry = retry or RetryPolicy(max_attempts=1_000_000, base_delay=0.5, max_delay=30.0)
+        self.tracker = ShadowTracker()
+        self.queue = store.load()
+        self.last_sync: float | None = None  # wall clock of the last get or accepted report
+        self.reached: Document = {}  # everything this agent reported, merged: re-sent on delete
+        self.rejections: list[Rejection] = []  # permanent rejections of reports, oldest first
+        self._store_in_executor = store_in_executor
+        self._session: Session | None = None
+        self._wake = asyncio.Event()
+        self._pending: dict[str, asyncio.Future[Document | Rejection]] = {}
+        self._drained = asyncio.Event()
+        self._unhandled_logged: set[str] = set()
+        if not self.queue:
+            self._drained.set()
+
+    @property
+    def name(self) -> str:
+        return self.shadow or "classic"
+
+    # ---------------------------------------------------------------- topics
+
+    def _reply(self, operation: wire.ShadowOperation, outcome: str) -> str:
+        return wire.shadow_reply(self.thing, operation, outcome, self.shadow)
+
+    def subscriptions(self) -> list[str]:
+        return [
+            self._reply("get", wire.ACCEPTED),
+            self._reply("get", wire.REJECTED),
+            self._reply("update", wire.ACCEPTED),
+            self._reply("update", wire.REJECTED),
+            wire.shadow_delta(self.thing, self.shadow),
+            self._reply("delete", wire.ACCEPTED),
+        ]
+
+    def attach(self, session: Session) -> None:
+        """Route this shadow's replies from ``session`` (before subscribing)."""
+        routes = {
+            self._reply("get", wire.ACCEPTED): self._on_get_accepted,
+            self._reply("get", wire.REJECTED): self._on_rejected,
+            self._reply("update", wire.ACCEPTED): self._on_update_accepted,
+            self._reply("update", wire.REJECTED): self._on_rejected,
+            wire.shadow_delta(self.thing, self.shadow): self._on_delta,
+            self._reply("delete", wire.ACCEPTED): self._on_deleted,
+        }
+        for topic, handler in routes.items():
+            session.route(topic, self._decoded(handler))
+        self._session = session
+
+    # --------------------------------------------------------------- public
+
+    async def serve(self, session: Session) -> None:
+        """Sync over ``session`` (attached and subscribed) until it closes or we are cancelled."""
+        self._session = session
+        try:
+            await self.refresh()
+            while True:
+                self._wake.clear()
+                await self._apply_delta()
+                await self._flush()
+                if not self._wake.is_set():
+                    await self._wake.wait()
+        except SessionError as exc:
+            log.info("shadow %s: connection gone (%s)", self.name, exc)
+        finally:
+            self._session = None
+            for future in self._pending.values():
+                if not future.done():
+                    future.cancel()
+            self._pending.clear()
+
+    async def report(self, patch: Mapping[str, Any]) -> bool:
+        """Queue ``patch`` for ``reported`` (durably) and wake the sender. False if it would
+        change nothing the service will hold."""
+        changes = self.tracker.report_changes(patch, self.queue)
+        if not changes:
+            return False
+        self.queue.add(changes)
+        self._drained.clear()
+        await self._save()
+        self._wake.set()
+        return True
+
+    async def wait_sent(self, timeout: float) -> bool:
+        """Wait until every queued report is accepted; False on timeout."""
+        try:
+            await asyncio.wait_for(self._drained.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    async def refresh(self) -> Document | None:
+        """get: the service's document, applied to the tracker (None: no shadow yet)."""
+        outcome = await self._request("get", {"clientToken": new_client_token()})
+        if isinstance(outcome, Rejection):
+            if outcome.code == 404:
+                self.tracker.on_get_missing()
+                self.last_sync = time.time()
+                return None
+            raise ShadowRejected("get", outcome)
+        self.last_sync = time.time()
+        self._wake.set()
+        return outcome
+
+    def retry_failed(self) -> None:
+        """Give handlers that failed another go (called on the report tick)."""
+        if any(k not in self.tracker.attempted for k in self.tracker.delta):
+            self._wake.set()
+
+    # ------------------------------------------------------------ internals
+
+    async def _save(self) -> None:
+        if self._store_in_executor:
+            snapshot = ReportQueue([dict(p) for p in self.queue.patches])
+            await asyncio.get_running_loop().run_in_executor(None, self.store.save, snapshot)
+        else:
+            self.store.save(self.queue)
+
+    async def _request(
+        self, operation: wire.ShadowOperation, document: Document
+    ) -> Document | Rejection:
+        session = self._session
+        if session is None:
+            raise SessionError("not connected")
+        token = document["clientToken"]
+        future: asyncio.Future[Document | Rejection] = asyncio.get_running_loop().create_future()
+        self._pending[token] = future
+        try:
+            topic = wire.shadow_topic(self.thing, operation, self.shadow)
+            await session.publish(topic, wire.encode(document), timeout=self.timeout)
+            try:
+                return await asyncio.wait_for(future, self.timeout)
+            except asyncio.TimeoutError:
+                raise SessionTimeout(
+                    f"no reply to shadow {operation} of {self.name} within {self.timeout:g} s"
+                ) from None
+        finally:
+            self._pending.pop(token, None)
+
+    async def _apply_delta(self) -> None:
+        fresh = self.tracker.to_apply(self.tracker.delta)
+        if not fresh:
+            return
+        applied = await self.handlers.apply(self.thing, self.shadow, fresh, self.tracker.desired)
+        self.tracker.forget_attempts(applied.failed)
+        new = applied.unhandled - self._unhandled_logged
+        if new:
+            self._unhandled_logged |= new
+            log.warning(
+                "shadow %s: no handler for desired key(s) %s; left unapplied",
+                self.name,
+                ", ".join(sorted(new)),
+            )
+        if applied.reported:
+            await self.report(applied.reported)
+
+    async def _flush(self) -> None:
+        failures = 0
+        while self.queue:
+            head = self.queue.head()
+            assert head is not None
+            self.queue.head_sealed = True
+            request = update_request(head, new_client_token(), self.tracker.lock_version())
+            try:
+                outcome = await self._request("update", request)
+            except SessionTimeout:
+                outcome = Rejection(504, "no reply", None)
+            if not isinstance(outcome, Rejection):
+                self.queue.pop_head()
+                self.reached = merge(self.reached, head)
+                self.last_sync = time.time()
+                failures = 0
+                await self._save()
+                continue
+            self.queue.head_sealed = False
+            if outcome.code == 409:
+                log.info(
+                    "shadow %s: version conflict; getting the document and retrying", self.name
+                )
+                await self.refresh()
+                await self._apply_delta()
+                continue
+            if outcome.retryable:
+                failures += 1
+                delay = self.retry.backoff(failures)
+                log.warning(
+                    "shadow %s: report not accepted (%d %s); retrying in %.1f s",
+                    self.name,
+                    outcome.code,
+                    outcome.message,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                continue
+            log.error(
+                "shadow %s: report rejected for good (%d %s); kept in the rejected file",
+                self.name,
+                outcome.code,
+                outcome.message,
+            )
+            await asyncio.get_running_loop().run_in_executor(None, self.store.park, head, outcome)
+            self.rejections.append(outcome)
+            self.queue.pop_head()
+            await self._save()
+        self._drained.set()
+
+    # ------------------------------------------------------------- messages
+
+    def _decoded(self, handler: Any) -> Any:
+        def on_message(message: Message) -> None:
+            try:
+                document = wire.decode(message.payload)
+                handler(document)
+            except (ValueError, ShadowProtocolError) as exc:
+                log.warning(
+                    "shadow %s: ignored a bad message on %s: %s", self.name, message.topic, exc
+                )
+
+        return on_message
+
+    def _resolve(self, document: object, outcome: Document | Rejection) -> None:
+        token = document.get("clientToken") if isinstance(document, dict) else None
+        future = self._pending.get(token) if isinstance(token, str) else None
+        if future is not None and not future.done():
+            future.set_result(outcome)
+
+    def _on_get_accepted(self, document: object) -> None:
+        self.tracker.on_get_accepted(document)
+        self._resolve(document, document)  # type: ignore[arg-type]
+        self._wake.set()
+
+    def _on_update_accepted(self, document: object) -> None:
+        self.tracker.on_update_accepted(document)
+        self._resolve(document, document)  # type: ignore[arg-type]
+
+    def _on_rejected(self, document: object) -> None:
+        self._resolve(document, Rejection.parse(document))
+
+    def _on_delta(self, document: object) -> None:
+        if self.tracker.on_delta(document) is not None:
+            self._wake.set()
+
+    def _on_deleted(self, document: object) -> None:
+        self.tracker.on_deleted(document)
+        self.tracker.attempted.clear()
+        if self.reached:
+            # Someone deleted the shadow: the device still is what it reported; say so again.
+            self.queue.add(self.reached)
+            self._drained.clear()
+            self._wake.set()
