@@ -331,7 +331,8 @@ def _shadow_via_daemon(
     if args.shadow_command == "report":
         request.update(patch=patch, wait=args.wait)
     try:
-        answer = control.call(socket_path, request, timeout=max(30.0, args.wait + 5))
+        wait = getattr(args, "wait", 10.0)
+        answer = control.call(socket_path, request, timeout=max(30.0, wait + 5))
     except control.ControlError as exc:
         raise Failure(f"running agent: {exc}", EXIT_TRANSIENT) from None
     if args.shadow_command == "get":
@@ -368,10 +369,17 @@ def _shadow_one_shot(
     async def get(sync: ShadowSync) -> object:
         return await sync.refresh()
 
+    async def enqueue() -> bool:
+        """Queue the patch (a no-op one is dropped); True if the queue holds reports to send."""
+        sync = device.shadow_sync(shadow)
+        await sync.report(patch)
+        return bool(sync.queue)
+
     async def report(sync: ShadowSync) -> tuple[bool, bool, int | None, object]:
-        changed = await sync.report(patch)
-        sent = await sync.wait_sent(args.wait) if changed else True
-        rejected = None
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(sync.send_queued(), args.wait)
+        sent = not sync.queue
+        changed, rejected = True, None
         if sync.rejections:
             rejected = {"code": sync.rejections[-1].code, "message": sync.rejections[-1].message}
         return changed, sent, sync.tracker.version, rejected
@@ -379,6 +387,9 @@ def _shadow_one_shot(
     try:
         if args.shadow_command == "get":
             return _print_shadow(asyncio.run(one_shot(device, shadow, get)), shadow)
+        pending = asyncio.run(enqueue())  # on disk before any connection is tried
+        if not pending:
+            return _report_outcome(False, True, None)
         return _report_outcome(*asyncio.run(one_shot(device, shadow, report)))
     except SessionError as exc:
         if args.shadow_command == "report":

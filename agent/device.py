@@ -55,6 +55,16 @@ class Device:
     def queue_store(self, shadow: str | None) -> FileQueueStore:
         return FileQueueStore(self.keystore.root / "shadows", shadow)
 
+    def shadow_sync(self, shadow: str | None, handlers: HandlerSet | None = None) -> ShadowSync:
+        """A sync of ``shadow`` on the state folder's queue (no handlers unless given)."""
+        return ShadowSync(
+            self.thing,
+            shadow,
+            handlers or HandlerSet("ignore"),
+            self.queue_store(shadow),
+            timeout=self.config.provisioning.timeout,
+        )
+
 
 def handler_registry(config: AgentConfig) -> HandlerRegistry:
     """Plugins first, then the command hook on every synced shadow."""
@@ -85,16 +95,7 @@ def handler_registry(config: AgentConfig) -> HandlerRegistry:
 def build_runtime(device: Device) -> DeviceRuntime:
     section = device.config.shadow
     registry = handler_registry(device.config)
-    syncs = [
-        ShadowSync(
-            device.thing,
-            shadow,
-            registry.for_shadow(shadow),
-            device.queue_store(shadow),
-            timeout=device.config.provisioning.timeout,
-        )
-        for shadow in section.shadows
-    ]
+    syncs = [device.shadow_sync(shadow, registry.for_shadow(shadow)) for shadow in section.shadows]
     reporters = (
         [device_reporter(section.facts_key, disk_path=device.keystore.root)]
         if section.facts_key
@@ -166,16 +167,11 @@ async def serve_device(device: Device, stop: asyncio.Event) -> None:
 async def one_shot(
     device: Device, shadow: str | None, action: Callable[[ShadowSync], Awaitable[T]]
 ) -> T:
-    """Connect once as the thing, sync ``shadow`` without applying desired state (that is the
-    daemon's job), run ``action`` and disconnect. The caller holds the lock."""
+    """Connect once as the thing, run ``action`` on ``shadow``'s sync (attached, subscribed,
+    not serving: desired state is the daemon's job) and disconnect. The caller holds the
+    lock."""
     settings = device.settings()
-    sync = ShadowSync(
-        device.thing,
-        shadow,
-        HandlerSet("ignore"),
-        device.queue_store(shadow),
-        timeout=settings.timeout,
-    )
+    sync = device.shadow_sync(shadow)
     session = await connect(
         settings.endpoint,
         settings.port,
@@ -186,12 +182,6 @@ async def one_shot(
     try:
         sync.attach(session)
         await session.subscribe(*sync.subscriptions(), timeout=settings.timeout)
-        serving = asyncio.create_task(sync.serve(session))
-        try:
-            return await action(sync)
-        finally:
-            serving.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await serving
+        return await action(sync)
     finally:
         await session.disconnect()

@@ -24,6 +24,7 @@ from typing import Any
 from agent.reconnect import Backoff, FailureKind, ReconnectPolicy
 from agent.reporters import Reporter
 from agent.session import (
+    ADMINISTRATIVE_ACTION,
     ConnectRefused,
     Session,
     SessionError,
@@ -137,7 +138,12 @@ class DeviceRuntime:
                 if stop.is_set():
                     break
                 kind = self.backoff.connection_ended(time.monotonic() - started)
-                if kind == "identity":
+                if session.disconnect_code == ADMINISTRATIVE_ACTION:
+                    # Kicked, perhaps because the certificate was just revoked: the next
+                    # handshake says so; wait the ordinary short time to find out.
+                    log.warning("the broker's operator ended the connection")
+                    kind = "transient"
+                elif kind == "identity":
                     log.error(
                         "the broker closed the connection right after accepting it (%s): "
                         "treating it as a refusal of this certificate",
@@ -225,9 +231,8 @@ class DeviceRuntime:
         finally:
             for task in tasks:
                 task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            if tasks:  # bounded: a handler that ignores cancellation cannot hold us here
+                await asyncio.wait(tasks, timeout=self.settings.timeout)
             self.session = None
             self.connected_since = None
             await session.disconnect()

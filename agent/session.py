@@ -42,6 +42,8 @@ NOT_AUTHORIZED = 0x87
 BAD_CREDENTIALS = 0x86
 BANNED = 0x8A
 IDENTITY_REFUSALS = frozenset({NOT_AUTHORIZED, BAD_CREDENTIALS, BANNED})
+#: DISCONNECT reason: the broker's operator ended the connection (a kick, e.g. on revocation).
+ADMINISTRATIVE_ACTION = 0x98
 
 # The only paho internal we rely on: where reconnect() gets its socket (paho 2.x).
 if not hasattr(mqtt.Client, "_create_socket"):  # pragma: no cover - guards a paho upgrade
@@ -266,6 +268,27 @@ async def open_tls(host: str, port: int, context: ssl.SSLContext, timeout: float
 # --------------------------------------------------------------------------- session
 
 
+async def wait_future(
+    future: asyncio.Future[Any], timeout: float, on_timeout: Callable[[], Exception]
+) -> Any:
+    """Await ``future`` for at most ``timeout`` seconds, then fail it with ``on_timeout()``.
+
+    Unlike ``asyncio.wait_for`` before Python 3.12, a cancellation that arrives as the future
+    completes is never swallowed: the future is awaited directly, with no task around it.
+    """
+    loop = asyncio.get_running_loop()
+
+    def expire() -> None:
+        if not future.done():
+            future.set_exception(on_timeout())
+
+    timer = loop.call_later(max(0.0, timeout), expire)
+    try:
+        return await future
+    finally:
+        timer.cancel()
+
+
 @dataclass(frozen=True)
 class Message:
     topic: str
@@ -309,6 +332,8 @@ class Session:
         self._routes: dict[str, MessageHandler] = {}
         self.handler: MessageHandler | None = None
         self.disconnect_reason: str | None = None
+        #: The reason code of the broker's DISCONNECT, or paho's code for a lost connection.
+        self.disconnect_code: int | None = None
 
         client = _Paho(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
         client.on_socket_open = self._on_socket_open
@@ -450,9 +475,11 @@ class Session:
         ack: asyncio.Future[Any] = self._loop.create_future()
         self._acks[mid] = ack
         try:
-            return await asyncio.wait_for(ack, timeout)
-        except asyncio.TimeoutError:
-            raise SessionTimeout(f"no {what} from {self.where} within {timeout:g} s") from None
+            return await wait_future(
+                ack,
+                timeout,
+                lambda: SessionTimeout(f"no {what} from {self.where} within {timeout:g} s"),
+            )
         finally:
             self._acks.pop(mid, None)
 
@@ -565,6 +592,8 @@ class Session:
     def _on_disconnect(
         self, _c: mqtt.Client, _u: Any, _flags: Any, reason: ReasonCode, _props: Any
     ) -> None:
+        if self.disconnect_code is None:
+            self.disconnect_code = reason.value
         if self.disconnect_reason is None:
             self.disconnect_reason = (
                 self._last_error or f"{reason.getName()} (0x{reason.value:02X})"

@@ -27,7 +27,7 @@ from agent import wire
 from agent.handlers import HandlerSet
 from agent.keystore import write_atomic
 from agent.provisioning import RetryPolicy
-from agent.session import Message, Session, SessionError, SessionTimeout
+from agent.session import Message, Session, SessionError, SessionTimeout, wait_future
 from agent.shadow import (
     Document,
     Rejection,
@@ -241,6 +241,12 @@ class ShadowSync:
         self._wake.set()
         return outcome
 
+    async def send_queued(self) -> None:
+        """Once, without applying desired state: get (for the version), then send the queue.
+        For a command at the device; the daemon uses `serve`."""
+        await self.refresh()
+        await self._flush()
+
     def retry_failed(self) -> None:
         """Give handlers that failed another go (called on the report tick)."""
         if any(k not in self.tracker.attempted for k in self.tracker.delta):
@@ -267,12 +273,13 @@ class ShadowSync:
         try:
             topic = wire.shadow_topic(self.thing, operation, self.shadow)
             await session.publish(topic, wire.encode(document), timeout=self.timeout)
-            try:
-                return await asyncio.wait_for(future, self.timeout)
-            except asyncio.TimeoutError:
-                raise SessionTimeout(
+            return await wait_future(
+                future,
+                self.timeout,
+                lambda: SessionTimeout(
                     f"no reply to shadow {operation} of {self.name} within {self.timeout:g} s"
-                ) from None
+                ),
+            )
         finally:
             self._pending.pop(token, None)
 

@@ -1,0 +1,258 @@
+"""`fleet-agent run` and `fleet-agent shadow` as real processes against the real stack.
+
+The device's life: first start provisions and syncs; desired state reaches the command hook
+and what it reached is reported; a person at the device reads and reports through the running
+agent; the broker restarts and the agent catches up; reports made offline arrive merged; a
+revoked certificate ends the agent with its own exit code instead of a retry loop.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent import wire
+from agent.keystore import Keystore
+from tests.fleet import (
+    REPO,
+    Client,
+    Fleet,
+    agent_config,
+    fleet_agent,
+    free_port,
+    make_workdir,
+    run_agent,
+    running_fleet,
+    start_agent_daemon,
+)
+from tests.test_agent_e2e import TOKEN_LIKE
+
+
+@pytest.fixture(scope="module")
+def fleet() -> Iterator[Fleet]:
+    with running_fleet(services=True) as running:
+        yield running
+
+
+@pytest.fixture
+def operator(fleet: Fleet) -> Client:
+    return fleet.client(fleet.service, f"operator-run-{time.monotonic_ns()}")
+
+
+HOOK = """#!{python}
+import json, os, sys
+request = json.load(sys.stdin)
+with open({log!r}, "a") as log:
+    log.write(json.dumps({{"request": request, "thing": os.environ["FLEET_THING"]}}) + "\\n")
+reached = dict(request["delta"])
+if "temp" in reached:
+    reached["temp"] = min(25, reached["temp"])  # the heater cannot go higher
+print(json.dumps(reached))
+"""
+
+
+def write_hook(folder: Path) -> tuple[Path, Path]:
+    log = folder / "hook.log"
+    hook = folder / "apply-desired"
+    hook.write_text(HOOK.format(python=sys.executable, log=str(log)))
+    hook.chmod(0o755)
+    return hook, log
+
+
+def wait_until(check: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what} not reached in time"
+        time.sleep(0.1)
+
+
+def reported(fleet: Fleet, thing: str) -> dict[str, Any]:
+    with fleet.registry() as registry:
+        row = registry.load_shadow(thing, "")
+    if row is None or row.document is None:
+        return {}
+    return json.loads(row.document).get("state", {}).get("reported", {})
+
+
+def shadow_version(fleet: Fleet, thing: str) -> int:
+    with fleet.registry() as registry:
+        row = registry.load_shadow(thing, "")
+    return row.version if row else 0
+
+
+def desire(operator: Client, thing: str, desired: dict[str, Any]) -> None:
+    token = f"op-{time.monotonic_ns()}"
+    accepted = wire.shadow_reply(thing, "update", "accepted")
+    operator.subscribe(accepted)
+    operator.publish(
+        wire.shadow_topic(thing, "update"),
+        json.dumps({"state": {"desired": desired}, "clientToken": token}),
+    )
+    assert operator.received.wait_for(
+        lambda m: m.topic == accepted and json.loads(m.payload).get("clientToken") == token
+    )
+
+
+def thing_of(config: Path) -> str:
+    state = config.parent / "state"
+    record = wait_until(lambda: Keystore(state).load_record(), what="provisioning")
+    return record.thing_name
+
+
+def stop_daemon(daemon: subprocess.Popen[str]) -> tuple[int, str]:
+    daemon.send_signal(signal.SIGTERM)
+    _, err = daemon.communicate(timeout=20)
+    assert "Traceback" not in err, err
+    assert not TOKEN_LIKE.search(err), err
+    return daemon.returncode, err
+
+
+def shadow_cmd(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    proc = fleet_agent("shadow", *args, "--config", str(config))
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc
+
+
+def test_run_provisions_applies_desired_state_and_serves_the_shadow_commands(
+    fleet: Fleet, operator: Client
+) -> None:
+    folder = make_workdir()
+    hook, hook_log = write_hook(folder)
+    config = agent_config(fleet, "SN-RUN-1", shadow=f'command = "{hook}"\nreport_interval = 5\n')
+    daemon = start_agent_daemon(config)
+    try:
+        thing = thing_of(config)
+        facts = wait_until(lambda: reported(fleet, thing).get("device"), what="device facts")
+        assert {"agent_version", "hostname", "os", "uptime_s", "disk_free_mb"} <= set(facts)
+        assert (config.parent / "state" / "agent.sock").stat().st_mode & 0o777 == 0o600
+
+        desire(operator, thing, {"led": "on", "temp": 30})
+        wait_until(lambda: reported(fleet, thing).get("temp") == 25, what="hook result")
+        assert reported(fleet, thing)["led"] == "on"
+        calls = [json.loads(line) for line in hook_log.read_text().splitlines()]
+        assert calls[0]["thing"] == thing
+        assert calls[0]["request"]["delta"] == {"led": "on", "temp": 30}
+        assert calls[0]["request"]["shadow"] is None
+
+        proc = shadow_cmd(config, "report", "note=hello", "net.rssi=-61")
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.startswith("reported (shadow version ")
+        assert reported(fleet, thing)["net"] == {"rssi": -61}
+
+        proc = shadow_cmd(config, "get")
+        assert proc.returncode == 0, proc.stderr
+        document = json.loads(proc.stdout)
+        assert document["state"]["reported"]["note"] == "hello"
+        assert document["state"]["delta"] == {"temp": 30}  # unreachable: stays, honestly
+        assert len(calls) == len(hook_log.read_text().splitlines())  # no re-run loop
+
+        second = fleet_agent("run", "--config", str(config), timeout=30)
+        assert second.returncode == 1
+        assert "already running" in second.stderr
+    finally:
+        code, _ = stop_daemon(daemon)
+    assert code == 0
+    assert not (config.parent / "state" / "agent.sock").exists()
+
+
+def test_the_agent_catches_up_after_a_broker_restart() -> None:
+    with running_fleet(services=True) as fleet:
+        config = agent_config(fleet, "SN-RESTART", shadow='unhandled = "echo"\n')
+        daemon = start_agent_daemon(config)
+        try:
+            thing = thing_of(config)
+            wait_until(lambda: reported(fleet, thing).get("device"), what="first sync")
+            fleet.stack.stop()
+            # While the broker is down, a report is queued on disk by the running agent.
+            proc = shadow_cmd(config, "report", "during=outage", "--wait", "1")
+            assert proc.returncode == 3, proc.stderr
+            assert "saved in the report queue" in proc.stderr
+            queue = config.parent / "state" / "shadows" / "classic.pending.json"
+            assert "outage" in queue.read_text()
+
+            fleet.stack.start()
+            operator = fleet.client(fleet.service, "operator-restart")
+            desire(operator, thing, {"mode": "eco"})
+            wait_until(
+                lambda: (
+                    reported(fleet, thing).get("during") == "outage"
+                    and reported(fleet, thing).get("mode") == "eco"
+                ),
+                timeout=60,
+                what="catch-up after the restart",
+            )
+            wait_until(lambda: not queue.exists(), what="queue emptied")
+        finally:
+            code, _ = stop_daemon(daemon)
+        assert code == 0
+
+
+def test_reports_made_offline_without_a_daemon_are_merged_and_sent_later(fleet: Fleet) -> None:
+    config = agent_config(fleet, "SN-OFFLINE")
+    assert run_agent(config).returncode == 0
+    thing = thing_of(config)
+    dead = f"broker.port={free_port()}"
+
+    proc = shadow_cmd(config, "get")
+    assert proc.returncode == 1 and "does not exist yet" in proc.stderr
+
+    for assignment in ("a=1", "b.c=true", "a=2"):
+        proc = shadow_cmd(config, "report", assignment, "--set", dead)
+        assert proc.returncode == 3
+        assert "saved in the report queue" in proc.stderr
+    queue = config.parent / "state" / "shadows" / "classic.pending.json"
+    assert json.loads(queue.read_text())["patches"] == [{"a": 2, "b": {"c": True}}]
+
+    proc = shadow_cmd(config, "report", "d=null")  # reaches the broker: sends the queue first
+    assert proc.returncode == 0, proc.stderr
+    assert reported(fleet, thing) == {"a": 2, "b": {"c": True}}
+    assert shadow_version(fleet, thing) == 1  # the three offline reports were one update
+    assert not queue.exists()
+
+
+def test_a_rejected_report_is_a_clear_error_and_kept(fleet: Fleet) -> None:
+    config = agent_config(fleet, "SN-REJECT")
+    assert run_agent(config).returncode == 0
+    proc = shadow_cmd(config, "report", f"blob={'x' * 9000}")
+    assert proc.returncode == 1
+    assert "rejected the report: 413" in proc.stderr
+    rejected = config.parent / "state" / "shadows" / "classic.rejected.jsonl"
+    assert json.loads(rejected.read_text())["rejected"]["code"] == 413
+    proc = shadow_cmd(config, "report", "novalue")
+    assert proc.returncode == 2 and "is not key=value" in proc.stderr
+
+
+def test_a_revoked_device_stops_with_its_own_exit_code() -> None:
+    with running_fleet(services=True) as fleet:
+        config = agent_config(fleet, "SN-REVOKED", shadow="report_interval = 5\n")
+        daemon = start_agent_daemon(config)
+        try:
+            thing = thing_of(config)
+            wait_until(lambda: reported(fleet, thing).get("device"), what="first sync")
+            revoke = subprocess.run(
+                [sys.executable, "-m", "broker.cli", "--dir", str(fleet.pki.root), "revoke", thing],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            assert revoke.returncode == 0, revoke.stderr
+            daemon.wait(timeout=60)
+        finally:
+            if daemon.poll() is None:
+                daemon.kill()
+        _, err = daemon.communicate()
+        assert daemon.returncode == 4, err
+        assert "revoked" in err and "provision --force" in err
+        assert "Traceback" not in err
