@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent import wire
 from agent.reconnect import Backoff, FailureKind, ReconnectPolicy
 from agent.reporters import Reporter
 from agent.session import (
@@ -29,6 +30,7 @@ from agent.session import (
     Session,
     SessionError,
     TlsFailure,
+    Will,
     connect,
     tls_context,
 )
@@ -36,6 +38,14 @@ from agent.shadow import Document, merge
 from agent.shadow_sync import ShadowRejected, ShadowSync
 
 log = logging.getLogger("fleet.agent.runtime")
+
+
+def presence(state: str, reason: str | None = None) -> bytes:
+    """The retained status document on the thing's status topic."""
+    document: dict[str, Any] = {"state": state, "timestamp": int(time.time())}
+    if reason:
+        document["reason"] = reason
+    return wire.encode(document)
 
 
 class CertificateRevoked(Exception):
@@ -92,6 +102,7 @@ class DeviceRuntime:
         self.connections = 0
         self.last_error: str | None = None
         self.next_attempt: float | None = None
+        self._status_topic = wire.status_topic(settings.thing)
 
     # ---------------------------------------------------------------- public
 
@@ -123,6 +134,9 @@ class DeviceRuntime:
                         context=self._context_factory(),
                         timeout=self.settings.timeout,
                         keepalive=self.settings.keepalive,
+                        will=Will(
+                            self._status_topic, presence("offline", "connection lost"), 1, True
+                        ),
                     )
                 except SessionError as exc:
                     kind = classify(exc)
@@ -206,6 +220,9 @@ class DeviceRuntime:
                 sync.attach(session)
             topics = [t for sync in self.syncs.values() for t in sync.subscriptions()]
             await session.subscribe(*topics, timeout=self.settings.timeout)
+            await session.publish(
+                self._status_topic, presence("online"), retain=True, timeout=self.settings.timeout
+            )
             self.state = "connected"
             self.connected_since = time.time()
             self.last_error = None
@@ -235,6 +252,12 @@ class DeviceRuntime:
                 await asyncio.wait(tasks, timeout=self.settings.timeout)
             self.session = None
             self.connected_since = None
+            if stop.is_set() and not session.closed:
+                # A clean DISCONNECT suppresses the Will: say "offline" ourselves.
+                with contextlib.suppress(SessionError):
+                    await session.publish(
+                        self._status_topic, presence("offline", "stopped"), retain=True, timeout=2
+                    )
             await session.disconnect()
 
     async def _report_ticker(self, stop: asyncio.Event) -> None:

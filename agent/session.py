@@ -290,6 +290,16 @@ async def wait_future(
 
 
 @dataclass(frozen=True)
+class Will:
+    """The Last Will: published by the broker if the connection ends without DISCONNECT."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = False
+
+
+@dataclass(frozen=True)
 class Message:
     topic: str
     payload: bytes = field(repr=False)
@@ -389,11 +399,17 @@ class Session:
         return [code.value for code in codes]
 
     async def publish(
-        self, topic: str, payload: bytes, *, qos: int = 1, timeout: float = 10.0
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        timeout: float = 10.0,
     ) -> None:
         """PUBLISH; with QoS 1 wait for the PUBACK and raise PublishRefused on a failure code."""
         self._check_open()
-        info = self._client.publish(topic, payload, qos=qos)
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             raise ConnectionLost(f"cannot publish on {self.where}: {mqtt.error_string(info.rc)}")
         if qos == 0:
@@ -484,8 +500,15 @@ class Session:
             self._acks.pop(mid, None)
 
     async def _start(
-        self, sock: ssl.SSLSocket, clean_start: bool, session_expiry: int, timeout: float
+        self,
+        sock: ssl.SSLSocket,
+        clean_start: bool,
+        session_expiry: int,
+        timeout: float,
+        will: Will | None = None,
     ) -> None:
+        if will is not None:
+            self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         properties = Properties(PacketTypes.CONNECT)
         properties.SessionExpiryInterval = session_expiry
         self._client.prepared = sock
@@ -678,6 +701,7 @@ async def connect(
     keepalive: int = 60,
     clean_start: bool = True,
     session_expiry: int = 0,
+    will: Will | None = None,
 ) -> Session:
     """Connect with MQTT 5 over mutual TLS; return the session once CONNACK says success.
 
@@ -693,7 +717,9 @@ async def connect(
     sock = await open_tls(endpoint, port, context, timeout)
     session = Session(client_id, endpoint, port, keepalive)
     try:
-        await session._start(sock, clean_start, session_expiry, max(0.1, deadline - loop.time()))
+        await session._start(
+            sock, clean_start, session_expiry, max(0.1, deadline - loop.time()), will
+        )
     except BaseException:
         session.abort()
         raise

@@ -93,6 +93,16 @@ def shadow_request_filters(thing: str = "+") -> tuple[str, ...]:
     return classic + named
 
 
+# ------------------------------------------------------------------------ device health
+
+
+def status_topic(thing_name: str) -> str:
+    """The device's own presence topic: a retained ``{"state": "online"|"offline", ...}``,
+    set online by the agent and offline by its Last Will or its clean shutdown. Outside
+    ``$aws/`` so it works on AWS IoT Core too (allow it in the device's IoT policy there)."""
+    return f"fleet/things/{thing_name}/status"
+
+
 # ---------------------------------------------------------------- broker-side extensions
 
 #: The user property the broker plugin stamps on a forwarded request:

@@ -43,6 +43,7 @@ def rules() -> Iterator[Rule]:
     # A device renews with its own CSR; keys made by the service never suit it.
     for topic in _provisioning_requests(with_server_made_keys=False):
         yield Rule("device", "publish", topic)
+    yield Rule("device", "publish", wire.status_topic(THING))  # presence, retained; its Will
     yield Rule("device", "subscribe", wire.thing_filter(THING))
     yield Rule("device", "receive", wire.thing_filter(THING))
     for topic in wire.PROVISIONING_REPLY_FILTERS:

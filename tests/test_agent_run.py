@@ -256,3 +256,49 @@ def test_a_revoked_device_stops_with_its_own_exit_code() -> None:
         assert daemon.returncode == 4, err
         assert "revoked" in err and "provision --force" in err
         assert "Traceback" not in err
+
+
+def test_presence_is_retained_online_then_offline_by_will_or_clean_stop(fleet: Fleet) -> None:
+    config = agent_config(fleet, "SN-PRESENCE")
+    assert run_agent(config).returncode == 0
+    thing = thing_of(config)
+    status = wire.status_topic(thing)
+
+    def last_state(client: Client) -> str | None:
+        messages = [m for m in client.received.messages if m.topic == status]
+        return json.loads(messages[-1].payload)["state"] if messages else None
+
+    daemon = start_agent_daemon(config)
+    watcher = fleet.client(fleet.service, "presence-watcher")
+    try:
+        watcher.subscribe(status)
+        wait_until(lambda: last_state(watcher) == "online", what="online")
+        daemon.kill()  # no DISCONNECT: the broker publishes the Will
+        daemon.communicate(timeout=20)
+        wait_until(lambda: last_state(watcher) == "offline", what="Will")
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+    late = fleet.client(fleet.service, "presence-late")
+    late.subscribe(status)
+    wait_until(lambda: last_state(late) == "offline", what="retained offline")
+
+    daemon = start_agent_daemon(config)
+    wait_until(lambda: last_state(watcher) == "online", what="online again")
+    code, _ = stop_daemon(daemon)
+    assert code == 0
+    wait_until(lambda: last_state(watcher) == "offline", what="clean offline")
+    reasons = [json.loads(m.payload).get("reason") for m in watcher.received.messages]
+    assert reasons[-1] == "stopped"
+
+
+def test_a_device_cannot_set_another_things_presence(fleet: Fleet) -> None:
+    victim, attacker = "presence-victim", "presence-attacker"
+    watcher = fleet.client(fleet.service, "presence-guard")
+    watcher.subscribe(wire.status_topic(victim))
+    intruder = fleet.client(fleet.device(attacker), attacker)
+    info = intruder.publish(wire.status_topic(victim), b'{"state":"online"}', qos=1, retain=True)
+    assert getattr(intruder.puback(info), "value", 0) == 0x87  # not authorised
+    own = intruder.publish(wire.status_topic(attacker), b'{"state":"online"}', qos=1, retain=True)
+    assert getattr(intruder.puback(own), "value", 0x80) < 0x80  # success (maybe no subscriber)
+    assert not [m for m in watcher.received.messages if m.topic == wire.status_topic(victim)]
