@@ -14,12 +14,13 @@ import json
 import logging
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from typing import Final
 
 from agent import control, wire
 from agent.config import DEFAULT_CONFIG, AgentConfig, ConfigError, claim_file_problems, load_config
-from agent.device import Device, SetupError, one_shot, serve_device
+from agent.device import Device, SetupError, handler_registry, one_shot, serve_device
 from agent.instance import AlreadyRunning, InstanceLock
 from agent.keystore import Keystore, KeystoreError, Provisioned, remove_durably
 from agent.onboarding import ClaimSettings, OnboardingFailed, onboard
@@ -99,6 +100,22 @@ def build_parser() -> argparse.ArgumentParser:
         "Stops on SIGTERM or Ctrl-C.",
     )
     _common(run)
+    status = commands.add_parser(
+        "status",
+        help="thing, certificate and its expiry, connection state, last shadow sync",
+        description="Asks the running agent; without one, reports what the state folder holds.",
+    )
+    _common(status)
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    config = commands.add_parser(
+        "config",
+        help="check the configuration without connecting",
+        description="Validate agent.toml (every problem, one line each), the files it names, "
+        "the handler plugins and hook, and the state folder's credentials.",
+    )
+    config_commands = config.add_subparsers(dest="config_command", metavar="ACTION")
+    config_commands.required = True
+    _common(config_commands.add_parser("check", help="validate agent.toml and the state folder"))
     shadow = commands.add_parser(
         "shadow",
         help="read this device's shadow or report state (through the running agent if any)",
@@ -405,6 +422,100 @@ def _shadow_one_shot(
         raise Failure(str(exc), EXIT_FAILED) from None
 
 
+def cmd_config_check(args: argparse.Namespace) -> int:
+    config, keystore = _load(args)
+    try:
+        provisioned = keystore.provisioned() if keystore.root.exists() else None
+    except KeystoreError as exc:
+        raise Failure(str(exc), EXIT_USAGE) from None
+    if provisioned is None:
+        problems = claim_file_problems(config.path, config.claim.certificate, config.claim.key)
+        if problems:
+            raise Failure("\n".join(problems), EXIT_USAGE)
+    try:
+        registry = handler_registry(config)
+    except SetupError as exc:
+        raise Failure(str(exc), EXIT_USAGE) from None
+    identity = (
+        f"thing {provisioned.record.thing_name}"
+        if provisioned
+        else f"not provisioned yet (claim {config.claim.certificate})"
+    )
+    shadows = ", ".join(s or "classic" for s in config.shadow.shadows)
+    handled = ", ".join(s or "classic" for s in registry.shadows()) or "none"
+    print(f"{config.path}: OK")
+    print(f"  broker   {config.broker.endpoint}:{config.broker.port} (CA {config.broker.ca_file})")
+    print(f"  device   {identity}; state in {keystore.root}")
+    print(
+        f"  shadows  {shadows}; handlers on: {handled}; unhandled keys: {config.shadow.unhandled}"
+    )
+    return EXIT_OK
+
+
+def _ago(stamp: object) -> str:
+    if not isinstance(stamp, int | float):
+        return "never"
+    return f"{max(0, int(time.time() - stamp))} s ago"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    _, keystore = _load(args)
+    try:
+        provisioned = keystore.provisioned() if keystore.root.exists() else None
+    except KeystoreError as exc:
+        raise Failure(str(exc), EXIT_USAGE) from None
+    report: dict[str, object] = {"state_dir": str(keystore.root), "provisioned": False}
+    if provisioned is not None:
+        certificate = keystore.load_certificate()
+        report.update(
+            provisioned=True,
+            thing=provisioned.record.thing_name,
+            certificate_id=provisioned.record.certificate_id,
+            certificate_expires=certificate.not_valid_after_utc.isoformat(),
+        )
+    lock = InstanceLock(keystore.root)
+    running = keystore.root.exists() and lock.held_elsewhere()
+    report["agent"] = "running" if running else "not running"
+    if running:
+        try:
+            report["runtime"] = control.call(keystore.root / control.SOCKET_NAME, {"op": "status"})[
+                "status"
+            ]
+        except control.ControlError as exc:
+            report["runtime_error"] = str(exc)
+    else:
+        queued = sorted((keystore.root / "shadows").glob("*.pending.json"))
+        report["queued_report_files"] = [p.name for p in queued]
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+        return EXIT_OK
+    if provisioned is None:
+        print(f"not provisioned (state folder {keystore.root})")
+    else:
+        print(f"thing        {report['thing']}")
+        certificate_id = str(report["certificate_id"])[:12]
+        print(f"certificate  {certificate_id}… expires {report['certificate_expires']}")
+    runtime = report.get("runtime")
+    if isinstance(runtime, dict):
+        since = runtime.get("connected_since")
+        state = f"{runtime.get('state')}" + (f" since {_ago(since)}" if since else "")
+        print(f"agent        running, {state}")
+        if runtime.get("last_error"):
+            print(f"last error   {runtime['last_error']}")
+        for name, shadow in (runtime.get("shadows") or {}).items():
+            print(
+                f"shadow {name:<6} version {shadow.get('version')}, last sync "
+                f"{_ago(shadow.get('last_sync'))}, {shadow.get('queued_reports')} queued report(s)"
+            )
+    else:
+        print(f"agent        {report['agent']}")
+        if report.get("runtime_error"):
+            print(f"             {report['runtime_error']}")
+        for name in report.get("queued_report_files") or []:
+            print(f"queued       {name} (sent on the next connection)")
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.WARNING, format=f"{PROG}: %(levelname)s: %(message)s", stream=sys.stderr
@@ -414,7 +525,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
-    commands = {"provision": cmd_provision, "run": cmd_run, "shadow": cmd_shadow}
+    commands = {
+        "provision": cmd_provision,
+        "run": cmd_run,
+        "shadow": cmd_shadow,
+        "status": cmd_status,
+        "config": cmd_config_check,
+    }
     try:
         return commands[args.command](args)
     except Failure as failure:

@@ -157,6 +157,18 @@ def test_run_provisions_applies_desired_state_and_serves_the_shadow_commands(
         assert document["state"]["delta"] == {"temp": 30}  # unreachable: stays, honestly
         assert len(calls) == len(hook_log.read_text().splitlines())  # no re-run loop
 
+        status = fleet_agent("status", "--config", str(config))
+        assert status.returncode == 0, status.stderr
+        assert f"thing        {thing}" in status.stdout
+        assert "agent        running, connected since" in status.stdout
+        assert "shadow classic version" in status.stdout
+        as_json = json.loads(fleet_agent("status", "--json", "--config", str(config)).stdout)
+        assert as_json["runtime"]["state"] == "connected"
+        assert (
+            as_json["certificate_id"]
+            == Keystore(config.parent / "state").load_record().certificate_id
+        )
+
         second = fleet_agent("run", "--config", str(config), timeout=30)
         assert second.returncode == 1
         assert "already running" in second.stderr
@@ -302,3 +314,39 @@ def test_a_device_cannot_set_another_things_presence(fleet: Fleet) -> None:
     own = intruder.publish(wire.status_topic(attacker), b'{"state":"online"}', qos=1, retain=True)
     assert getattr(intruder.puback(own), "value", 0x80) < 0x80  # success (maybe no subscriber)
     assert not [m for m in watcher.received.messages if m.topic == wire.status_topic(victim)]
+
+
+def test_config_check_validates_without_connecting(fleet: Fleet) -> None:
+    folder = make_workdir()
+    hook, _ = write_hook(folder)
+    config = agent_config(fleet, "SN-CHECK", shadow=f'command = "{hook}"\nnames = ["cfg"]\n')
+    proc = fleet_agent("config", "check", "--config", str(config), "--set", "broker.port=1")
+    assert proc.returncode == 0, proc.stderr  # port 1: nothing listens, nothing is tried
+    assert "OK" in proc.stdout and "not provisioned yet" in proc.stdout
+    assert "handlers on: classic, cfg" in proc.stdout
+
+    proc = fleet_agent(
+        "config", "check", "--config", str(config),
+        "--set", "claim.key=/nonexistent/claim.key",
+        "--set", "shadow.plugins=no_such_module:setup",
+        "--set", "shadow.bogus=1",
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "unknown key shadow.bogus" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+    proc = fleet_agent(
+        "config", "check", "--config", str(config), "--set", "shadow.plugins=no_such_module:setup"
+    )
+    assert proc.returncode == 2
+    assert "cannot import no_such_module" in proc.stderr
+
+    assert run_agent(config).returncode == 0
+    key = config.parent / "state" / "device.key"
+    key.chmod(0o640)
+    proc = fleet_agent("config", "check", "--config", str(config))
+    assert proc.returncode == 2
+    assert f"run: chmod 600 {key}" in proc.stderr
+    key.chmod(0o600)
+    status = fleet_agent("status", "--config", str(config))
+    assert status.returncode == 0 and "agent        not running" in status.stdout
