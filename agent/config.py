@@ -65,6 +65,7 @@ class ProvisioningSection:
 class AgentSection:
     state_dir: Path = DEFAULT_STATE_DIR
     log_level: str = "warning"
+    keepalive: int = 60  # seconds; a dead link is noticed after 1.5 times this
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,7 @@ SCHEMA: Final[dict[str, dict[str, _Spec]]] = {
     "agent": {
         "state_dir": ("path", False, str(DEFAULT_STATE_DIR)),
         "log_level": ("str", False, "warning"),
+        "keepalive": ("int", False, 60),
     },
     "shadow": {
         "classic": ("bool", False, True),
@@ -321,6 +323,8 @@ def load_config(
             + ", ".join(LOG_LEVELS)
         )
 
+    if isinstance(a["keepalive"], int) and not 5 <= a["keepalive"] <= 1200:
+        problems.append(f"{path}: agent.keepalive must be between 5 and 1200 seconds")
     sh = values["shadow"]
     names = sh["names"] if isinstance(sh["names"], list) else []
     for name in names:
@@ -377,7 +381,7 @@ def load_config(
             timeout=float(p["timeout"]),
             max_attempts=p["max_attempts"],
         ),
-        agent=AgentSection(state_dir=state_dir, log_level=a["log_level"]),
+        agent=AgentSection(state_dir=state_dir, log_level=a["log_level"], keepalive=a["keepalive"]),
         shadow=ShadowSection(
             classic=sh["classic"],
             names=tuple(names),

@@ -50,6 +50,7 @@ class Device:
             key_file=self.provisioned.key_path,
             report_interval=self.config.shadow.report_interval,
             timeout=self.config.provisioning.timeout,
+            keepalive=self.config.agent.keepalive,
         )
 
     def queue_store(self, shadow: str | None) -> FileQueueStore:

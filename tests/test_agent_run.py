@@ -9,6 +9,7 @@ revoked certificate ends the agent with its own exit code instead of a retry loo
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -350,3 +351,68 @@ def test_config_check_validates_without_connecting(fleet: Fleet) -> None:
     key.chmod(0o600)
     status = fleet_agent("status", "--config", str(config))
     assert status.returncode == 0 and "agent        not running" in status.stdout
+
+
+def runtime_state(config: Path) -> str | None:
+    proc = fleet_agent("status", "--json", "--config", str(config))
+    runtime = json.loads(proc.stdout).get("runtime") if proc.returncode == 0 else None
+    return runtime.get("state") if isinstance(runtime, dict) else None
+
+
+def test_a_network_cut_queues_reports_on_disk_and_delivers_them_after() -> None:
+    """The broker frozen (SIGSTOP: packets go unanswered, like a dead link): the agent
+    notices by keepalive, keeps reports on disk, and delivers them once the link is back."""
+    with running_fleet(services=True) as fleet:
+        config = agent_config(fleet, "SN-CUT")
+        daemon = start_agent_daemon(
+            config, "--set", "agent.keepalive=5", "--set", "provisioning.timeout=3"
+        )
+        broker_pid = fleet.stack.broker.pid
+        try:
+            thing = thing_of(config)
+            wait_until(lambda: reported(fleet, thing).get("device"), what="first sync")
+            os.kill(broker_pid, signal.SIGSTOP)
+            try:
+                proc = shadow_cmd(config, "report", "during=cut", "--wait", "1")
+                assert proc.returncode == 3, proc.stderr
+                queue = config.parent / "state" / "shadows" / "classic.pending.json"
+                assert "cut" in queue.read_text()
+                wait_until(
+                    lambda: runtime_state(config) != "connected", timeout=40, what="cut noticed"
+                )
+            finally:
+                os.kill(broker_pid, signal.SIGCONT)
+            wait_until(
+                lambda: reported(fleet, thing).get("during") == "cut",
+                timeout=90,
+                what="queued report delivered",
+            )
+            wait_until(lambda: not queue.exists(), what="queue emptied")
+        finally:
+            code, _ = stop_daemon(daemon)
+        assert code == 0
+
+
+def test_an_agent_killed_at_any_moment_of_onboarding_restarts_cleanly(fleet: Fleet) -> None:
+    """SIGKILL at staggered moments of the first start: the state folder is always either
+    unprovisioned or one consistent set of key, certificate and record."""
+    config = agent_config(fleet, None)
+    state = config.parent / "state"
+    for attempt, delay in enumerate((0.3, 0.5, 0.7, 0.9, 1.1, 1.4)):
+        daemon = start_agent_daemon(
+            config, "--set", f"provisioning.parameters.SerialNumber=SN-KILL-{attempt}"
+        )
+        time.sleep(delay)
+        daemon.kill()
+        daemon.communicate(timeout=20)
+        if state.exists():
+            Keystore(state).provisioned()  # raises if the set is inconsistent
+    daemon = start_agent_daemon(config, "--set", "provisioning.parameters.SerialNumber=SN-KILL-9")
+    try:
+        wait_until(lambda: runtime_state(config) == "connected", what="running after the kills")
+        thing = thing_of(config)
+        wait_until(lambda: reported(fleet, thing).get("device"), what="sync after the kills")
+    finally:
+        code, _ = stop_daemon(daemon)
+    assert code == 0
+    assert not [p for p in state.iterdir() if p.name.startswith(".tmp-")]
