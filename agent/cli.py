@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from typing import Final
 
-from agent import control, wire
+from agent import control, logs, wire
 from agent.config import DEFAULT_CONFIG, AgentConfig, ConfigError, claim_file_problems, load_config
 from agent.device import Device, SetupError, handler_registry, one_shot, serve_device
 from agent.instance import AlreadyRunning, InstanceLock
@@ -517,9 +517,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(
-        level=logging.WARNING, format=f"{PROG}: %(levelname)s: %(message)s", stream=sys.stderr
-    )
+    logs.configure("warning", program=PROG)  # one line per record, secrets redacted
+    logging.captureWarnings(True)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
