@@ -1,8 +1,10 @@
 """Device Shadow service throughput and round-trip latency on this machine.
 
 Starts the whole local stack (Mosquitto + plugin + services) on a free port with a throw-away
-PKI, connects N devices over mutual TLS (paho-mqtt, one network thread each), and measures
-device publish -> /update/accepted received:
+PKI, connects N devices over mutual TLS (MQTT 5 sessions of agent/session.py, all on one asyncio
+loop: the load generator shares the cores with the broker and the services, and a paho thread
+per device cost it more than the service it measures), and measures device publish (QoS 1) ->
+/update/accepted received:
 
   1. saturation: every device keeps a window of updates in flight; updates/s is the service's
      throughput (the broker, the services and this load generator share the machine's cores);
@@ -15,42 +17,49 @@ Results are printed and appended as JSON to bench/results/shadow_throughput.json
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import statistics
 import sys
-import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent import wire
+from agent.session import Message, Session, connect
 from bench._record import record
 from tests.fleet import Fleet, running_fleet
 
 
 class Device:
-    def __init__(self, fleet: Fleet, thing: str) -> None:
+    def __init__(self, session: Session, thing: str) -> None:
         self.thing = thing
+        self.session = session
         self.topic = wire.shadow_topic(thing, "update")
         self.sent: dict[str, float] = {}
         self.rtts: list[float] = []
-        self.lock = threading.Lock()
-        self.window = threading.Semaphore(1)
-        self.client = fleet.client(fleet.device(thing), thing)
-        self.client.paho.on_message = self._on_message
-        self.client.subscribe(wire.shadow_reply(thing, "update", "accepted"), qos=0)
         self.counter = 0
         self.errors = 0
+        self.on_accepted: Callable[[Device], None] | None = None
+        session.route(wire.shadow_reply(thing, "update", "accepted"), self._accepted)
 
-    def _on_message(self, _c: object, _u: object, message) -> None:
+    @classmethod
+    async def connect(cls, fleet: Fleet, thing: str) -> Device:
+        session = await connect(
+            "127.0.0.1", fleet.config.port, client_id=thing, context=fleet.tls(fleet.device(thing))
+        )
+        await session.subscribe(wire.shadow_reply(thing, "update", "accepted"), qos=0)
+        return cls(session, thing)
+
+    def _accepted(self, message: Message) -> None:
         now = time.perf_counter()
-        token = json.loads(message.payload).get("clientToken")
-        with self.lock:
-            started = self.sent.pop(token, None)
-            if started is not None:
-                self.rtts.append(now - started)
-        self.window.release()
+        started = self.sent.pop(json.loads(message.payload).get("clientToken"), None)
+        if started is not None:
+            self.rtts.append(now - started)
+        if self.on_accepted is not None:
+            self.on_accepted(self)
 
     def send(self) -> None:
         self.counter += 1
@@ -60,11 +69,13 @@ class Device:
                 "state": {"reported": {"temperature": 20 + self.counter % 7, "n": self.counter}},
                 "clientToken": token,
             }
-        )
-        with self.lock:
-            self.sent[token] = time.perf_counter()
-        info = self.client.paho.publish(self.topic, body, qos=1)
-        if info.rc != 0:
+        ).encode()
+        self.sent[token] = time.perf_counter()
+        published = asyncio.ensure_future(self.session.publish(self.topic, body))
+        published.add_done_callback(self._published)
+
+    def _published(self, published: asyncio.Future[None]) -> None:
+        if published.cancelled() or published.exception() is not None:
             self.errors += 1
 
 
@@ -73,25 +84,24 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))] if ordered else float("nan")
 
 
-def saturate(devices: list[Device], seconds: float, window: int) -> dict[str, float]:
+async def saturate(devices: list[Device], seconds: float, window: int) -> dict[str, float]:
     for d in devices:
         d.rtts.clear()
-        d.window = threading.Semaphore(window)
     stop = time.perf_counter() + seconds
 
-    def run(d: Device) -> None:
-        while time.perf_counter() < stop:
-            if d.window.acquire(timeout=1):
-                d.send()
+    def next_update(d: Device) -> None:  # an answer frees a slot of the device's window
+        if time.perf_counter() < stop:
+            d.send()
 
-    threads = [threading.Thread(target=run, args=(d,)) for d in devices]
     started = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    time.sleep(1.0)  # let the last replies land
+    for d in devices:
+        d.on_accepted = next_update
+        for _ in range(window):
+            d.send()
+    await asyncio.sleep(stop - time.perf_counter() + 1.0)  # and let the last replies land
     elapsed = time.perf_counter() - started
+    for d in devices:
+        d.on_accepted = None
     rtts = [r for d in devices for r in d.rtts]
     return {
         "updates": len(rtts),
@@ -102,21 +112,18 @@ def saturate(devices: list[Device], seconds: float, window: int) -> dict[str, fl
     }
 
 
-def paced(devices: list[Device], seconds: float, rate: float) -> dict[str, float]:
+async def paced(devices: list[Device], seconds: float, rate: float) -> dict[str, float]:
     for d in devices:
         d.rtts.clear()
-        d.window = threading.Semaphore(10_000)
     interval = 1.0 / rate
     total = int(rate * seconds)
     started = time.perf_counter()
     for i in range(total):
-        target = started + i * interval
-        delay = target - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)
+        # Always yield to the loop, so replies are taken in as they arrive.
+        await asyncio.sleep(max(0.0, started + i * interval - time.perf_counter()))
         devices[i % len(devices)].send()
     send_elapsed = time.perf_counter() - started
-    time.sleep(1.5)
+    await asyncio.sleep(1.5)
     rtts = [r for d in devices for r in d.rtts]
     lost = total - len(rtts)
     ms = [r * 1000 for r in rtts]
@@ -132,31 +139,36 @@ def paced(devices: list[Device], seconds: float, rate: float) -> dict[str, float
     }
 
 
+async def measure(fleet: Fleet, args: argparse.Namespace) -> dict[str, object]:
+    devices = [await Device.connect(fleet, f"bench-{i:04d}") for i in range(args.devices)]
+    try:
+        for d in devices:  # create every shadow first: measure steady state, not creation
+            d.send()
+        await asyncio.sleep(1)
+        saturation = await saturate(devices, args.seconds, args.window)
+        print(f"saturation: {saturation}")
+        pace = await paced(devices, args.seconds, args.rate)
+        print(f"paced:      {pace}")
+        errors = sum(d.errors for d in devices)
+        if errors:
+            print(f"{errors} publish(es) failed")
+    finally:
+        await asyncio.gather(*(d.session.disconnect() for d in devices))
+    return {"saturation": saturation, "paced": pace}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=40)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--rate", type=float, default=1000)
     parser.add_argument("--window", type=int, default=8, help="in-flight updates per device")
+    parser.add_argument("--no-record", action="store_true", help="print only, append nothing")
     args = parser.parse_args()
     with running_fleet(services=True) as fleet:
-        devices = [Device(fleet, f"bench-{i:04d}") for i in range(args.devices)]
-        for d in devices:  # create every shadow first: measure steady state, not creation
-            d.send()
-        time.sleep(1)
-        saturation = saturate(devices, args.seconds, args.window)
-        print(f"saturation: {saturation}")
-        pace = paced(devices, args.seconds, args.rate)
-        print(f"paced:      {pace}")
-    record(
-        "shadow_throughput",
-        {
-            "devices": args.devices,
-            "window": args.window,
-            "saturation": saturation,
-            "paced": pace,
-        },
-    )
+        result = asyncio.run(measure(fleet, args))
+    if not args.no_record:
+        record("shadow_throughput", {"devices": args.devices, "window": args.window, **result})
     return 0
 
 

@@ -235,6 +235,16 @@ def _utc(timestamp: float) -> dt.datetime:
 # --- interface
 
 
+class ShadowStore(Protocol):
+    """Shadow reads and writes inside one open transaction: a read sees the earlier writes."""
+
+    def load(self, thing_name: str, shadow_name: str) -> StoredShadow | None: ...
+
+    def save(self, thing_name: str, shadow_name: str, document: str, version: int) -> None: ...
+
+    def delete(self, thing_name: str, shadow_name: str, version: int) -> None: ...
+
+
 class Registry(Protocol):
     def close(self) -> None: ...
 
@@ -310,6 +320,8 @@ class Registry(Protocol):
 
     def delete_shadow(self, thing_name: str, shadow_name: str, version: int) -> None: ...
 
+    def shadow_transaction(self) -> contextlib.AbstractContextManager[ShadowStore]: ...
+
     def purge_expired(self, now: dt.datetime) -> list[str]: ...
 
 
@@ -358,6 +370,38 @@ def _check_groups(groups: Sequence[str]) -> list[str]:
     if isinstance(groups, str) or not all(isinstance(g, str) for g in groups):
         raise ValueError("thing groups must be a list of strings")
     return list(groups)
+
+
+class _SQLiteShadows:
+    """`ShadowStore` on a connection whose lock (and transaction, for writes) the caller holds."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def load(self, thing_name: str, shadow_name: str) -> StoredShadow | None:
+        row = self._db.execute(
+            "SELECT document, version, deleted_at FROM shadows"
+            " WHERE thing_name = ? AND shadow_name = ?",
+            (thing_name, shadow_name),
+        ).fetchone()
+        return None if row is None else StoredShadow(row[0], row[1], row[2])
+
+    def save(self, thing_name: str, shadow_name: str, document: str, version: int) -> None:
+        self._db.execute(
+            "INSERT INTO shadows (thing_name, shadow_name, document, version, deleted_at,"
+            " updated_at) VALUES (?, ?, ?, ?, NULL, ?)"
+            " ON CONFLICT (thing_name, shadow_name) DO UPDATE SET document = excluded.document,"
+            " version = excluded.version, deleted_at = NULL, updated_at = excluded.updated_at",
+            (thing_name, shadow_name, document, version, time.time()),
+        )
+
+    def delete(self, thing_name: str, shadow_name: str, version: int) -> None:
+        now = time.time()
+        self._db.execute(
+            "UPDATE shadows SET document = NULL, version = ?, deleted_at = ?, updated_at = ?"
+            " WHERE thing_name = ? AND shadow_name = ?",
+            (version, now, now, thing_name, shadow_name),
+        )
 
 
 class SQLiteRegistry:
@@ -812,34 +856,23 @@ class SQLiteRegistry:
 
     def load_shadow(self, thing_name: str, shadow_name: str) -> StoredShadow | None:
         with self._lock:
-            row = self._db.execute(
-                "SELECT document, version, deleted_at FROM shadows"
-                " WHERE thing_name = ? AND shadow_name = ?",
-                (thing_name, shadow_name),
-            ).fetchone()
-        if row is None:
-            return None
-        return StoredShadow(row["document"], row["version"], row["deleted_at"])
+            return _SQLiteShadows(self._db).load(thing_name, shadow_name)
 
     def save_shadow(self, thing_name: str, shadow_name: str, document: str, version: int) -> None:
-        with self._transaction(power_safe=False) as db:
-            db.execute(
-                "INSERT INTO shadows (thing_name, shadow_name, document, version, deleted_at,"
-                " updated_at) VALUES (?, ?, ?, ?, NULL, ?)"
-                " ON CONFLICT (thing_name, shadow_name) DO UPDATE SET document = excluded.document,"
-                " version = excluded.version, deleted_at = NULL, updated_at = excluded.updated_at",
-                (thing_name, shadow_name, document, version, time.time()),
-            )
+        with self.shadow_transaction() as shadows:
+            shadows.save(thing_name, shadow_name, document, version)
 
     def delete_shadow(self, thing_name: str, shadow_name: str, version: int) -> None:
         """Keep a tombstone: a shadow recreated soon after continues from ``version``."""
-        now = time.time()
+        with self.shadow_transaction() as shadows:
+            shadows.delete(thing_name, shadow_name, version)
+
+    @contextlib.contextmanager
+    def shadow_transaction(self) -> Iterator[ShadowStore]:
+        """One transaction for a batch of shadow requests: one commit (and one lock round)
+        instead of one per update; it is committed when the block ends without an error."""
         with self._transaction(power_safe=False) as db:
-            db.execute(
-                "UPDATE shadows SET document = NULL, version = ?, deleted_at = ?, updated_at = ?"
-                " WHERE thing_name = ? AND shadow_name = ?",
-                (version, now, now, thing_name, shadow_name),
-            )
+            yield _SQLiteShadows(db)
 
     def purge_expired(self, now: dt.datetime) -> list[str]:
         """Delete PENDING_ACTIVATION certificates whose tokens all expired unused (AWS: 1 h)."""
