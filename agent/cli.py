@@ -29,6 +29,7 @@ from agent.reconnect import Backoff
 from agent.runtime import CertificateRevoked
 from agent.session import SessionError, tls_context
 from agent.shadow_sync import ShadowRejected, ShadowSync
+from agent.systemd import Notifier, watchdog_loop
 
 PROG: Final = "fleet-agent"
 EXIT_OK: Final = 0
@@ -275,15 +276,31 @@ def cmd_run(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        provisioned = keystore.provisioned() or await _onboard_until_done(config, keystore, stop)
-        if provisioned is None:
-            return EXIT_OK
-        device = Device(config, keystore, provisioned)
+        # Under systemd (Type=notify): the event loop itself pings the watchdog, so a wedged
+        # agent is restarted.
+        notifier = Notifier.from_environment()
+        watchdog = asyncio.create_task(watchdog_loop(notifier, lambda: True)) if notifier else None
         try:
-            await serve_device(device, stop)
-        except SetupError as exc:
-            raise Failure(str(exc), EXIT_USAGE) from None
-        return EXIT_OK
+            provisioned = keystore.provisioned()
+            if provisioned is None:
+                if notifier:
+                    notifier.ready("onboarding by claim")
+                provisioned = await _onboard_until_done(config, keystore, stop)
+            if provisioned is None:
+                return EXIT_OK
+            if notifier:
+                notifier.ready(f"running as thing {provisioned.record.thing_name}")
+            device = Device(config, keystore, provisioned)
+            try:
+                await serve_device(device, stop)
+            except SetupError as exc:
+                raise Failure(str(exc), EXIT_USAGE) from None
+            return EXIT_OK
+        finally:
+            if notifier:
+                notifier.stopping()
+            if watchdog:
+                watchdog.cancel()
 
     try:
         return asyncio.run(main())

@@ -377,12 +377,14 @@ def run_agent(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return fleet_agent("provision", "--config", str(config), *args)
 
 
-def start_agent_daemon(config: Path, *args: str) -> subprocess.Popen[str]:
+def start_agent_daemon(
+    config: Path, *args: str, env: Mapping[str, str] | None = None
+) -> subprocess.Popen[str]:
     """``fleet-agent run --config <config>`` in the background; stop it with SIGTERM."""
     return subprocess.Popen(
         [sys.executable, "-m", "agent.cli", "run", "--config", str(config), *args],
         cwd=REPO,
-        env=AGENT_ENV,
+        env={**AGENT_ENV, **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -8,9 +8,11 @@ revoked certificate ends the agent with its own exit code instead of a retry loo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -416,3 +418,28 @@ def test_an_agent_killed_at_any_moment_of_onboarding_restarts_cleanly(fleet: Fle
         code, _ = stop_daemon(daemon)
     assert code == 0
     assert not [p for p in state.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_under_systemd_the_agent_notifies_ready_and_feeds_the_watchdog(fleet: Fleet) -> None:
+    """A real NOTIFY_SOCKET (a datagram socket, as systemd gives a Type=notify service)."""
+    config = agent_config(fleet, "SN-NOTIFY")
+    path = make_workdir() / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind(str(path))
+        listener.settimeout(20)
+        env = {"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "2000000"}  # 2 s: ping every 1 s
+        daemon = start_agent_daemon(config, env=env)
+        try:
+            seen: list[str] = []
+            while not ("READY=1" in seen and seen.count("WATCHDOG=1") >= 2):
+                seen += listener.recv(4096).decode().splitlines()
+            assert any(line.startswith("STATUS=running as thing ") for line in seen)
+        finally:
+            code, _ = stop_daemon(daemon)
+        assert code == 0
+        stopping: list[str] = []
+        with contextlib.suppress(TimeoutError):
+            listener.settimeout(2)
+            while "STOPPING=1" not in stopping:
+                stopping += listener.recv(4096).decode().splitlines()
+        assert "STOPPING=1" in stopping
