@@ -8,7 +8,9 @@ report_interval 300 s, keepalive 60 s). Once it has provisioned and synced:
   but MQTT keepalive pings: CPU time (utime+stime from /proc/<pid>/stat, in clock ticks, and
   the nanosecond on-CPU time of all its threads from /proc/<pid>/task/*/schedstat, since an
   idle minute is a few ticks at most), RSS (VmRSS) and PSS (smaps_rollup), threads, and
-  wakeups (voluntary context switches of all threads).
+  wakeups (voluntary context switches of all threads). Expect about 5 wakeups a minute: paho's
+  loop_misc, which the session runs every keepalive/4 (15 s), and the keepalive ping. The CPU
+  figure of one minute varies a lot between minutes (seen: 9 to 75 ms), so compare several runs.
 - ``restart``: stops the stack (services, then Mosquitto) and starts it again at once, N times
   (default 5), and times, from the moment Mosquitto listens again, until the agent is connected
   (subscribed) and until it has re-synced (a shadow get answered), using the agent's own
