@@ -165,12 +165,7 @@ def _settings(config: AgentConfig) -> ClaimSettings:
 
 
 def cmd_provision(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.config, args.overrides, check_claim_files=False)
-    except ConfigError as exc:
-        raise Failure(str(exc), EXIT_USAGE) from None
-    logging.getLogger().setLevel(config.agent.log_level.upper())
-    keystore = Keystore(config.agent.state_dir)
+    config, keystore = _load(args)
 
     if not args.force:
         try:
@@ -211,9 +206,13 @@ def _load(args: argparse.Namespace) -> tuple[AgentConfig, Keystore]:
     return config, Keystore(config.agent.state_dir)
 
 
-def _provisioned(keystore: Keystore) -> Provisioned | None:
+def _provisioned(keystore: Keystore, *, create: bool = True) -> Provisioned | None:
+    """The stored credentials; ``create=False`` only reads (no state folder: None)."""
     try:
-        keystore.ensure()
+        if create:
+            keystore.ensure()
+        elif not keystore.root.exists():
+            return None
         return keystore.provisioned()
     except KeystoreError as exc:
         raise Failure(str(exc), EXIT_USAGE) from None
@@ -441,10 +440,7 @@ def _shadow_one_shot(
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     config, keystore = _load(args)
-    try:
-        provisioned = keystore.provisioned() if keystore.root.exists() else None
-    except KeystoreError as exc:
-        raise Failure(str(exc), EXIT_USAGE) from None
+    provisioned = _provisioned(keystore, create=False)
     if provisioned is None:
         problems = claim_file_problems(config.path, config.claim.certificate, config.claim.key)
         if problems:
@@ -477,10 +473,7 @@ def _ago(stamp: object) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     _, keystore = _load(args)
-    try:
-        provisioned = keystore.provisioned() if keystore.root.exists() else None
-    except KeystoreError as exc:
-        raise Failure(str(exc), EXIT_USAGE) from None
+    provisioned = _provisioned(keystore, create=False)
     report: dict[str, object] = {"state_dir": str(keystore.root), "provisioned": False}
     if provisioned is not None:
         certificate = keystore.load_certificate()

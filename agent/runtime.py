@@ -66,7 +66,7 @@ class RuntimeSettings:
     reconnect: ReconnectPolicy = field(default_factory=ReconnectPolicy)
 
 
-def classify(error: SessionError) -> FailureKind | None:
+def classify(error: SessionError) -> FailureKind:
     """How a failed connect counts for the backoff; raises CertificateRevoked."""
     text = str(error).lower()
     if isinstance(error, TlsFailure) and "revoked" in text:
@@ -145,7 +145,7 @@ class DeviceRuntime:
                         log.error("the broker refused this device's certificate: %s", exc)
                     else:
                         log.warning("cannot connect: %s", exc)
-                    await self._pause(self.backoff.failed(kind or "transient"), stop)
+                    await self._pause(self.backoff.failed(kind), stop)
                     continue
                 started = time.monotonic()
                 await self._connected(session, stop)
