@@ -56,6 +56,7 @@ run_dir = "run"
 
 [certificates]
 device_validity_days = 365
+# device_validity_seconds = 600  # instead of days, 60-86400: short-lived, to watch renewal
 
 [services]
 client_id = "fleet-services"

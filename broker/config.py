@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,10 +31,17 @@ class BrokerConfig:
     max_open_files: int = 65536
     run_dir: Path = field(default=Path("run"))
     device_validity_days: int = 365
+    device_validity_seconds: int = 0  # if set, instead of days: short-lived, to try renewal
     services_client_id: str = "fleet-services"
     templates_dir: Path = field(default=Path("templates"))
     allow_create_keys: bool = False
     token_lifetime_seconds: int = 3600
+
+    @property
+    def device_validity(self) -> dt.timedelta:
+        if self.device_validity_seconds:
+            return dt.timedelta(seconds=self.device_validity_seconds)
+        return dt.timedelta(days=self.device_validity_days)
 
     @property
     def connect_host(self) -> str:
@@ -50,7 +58,10 @@ _SCHEMA: dict[str, dict[str, tuple[str, type]]] = {
         "max_open_files": ("max_open_files", int),
         "run_dir": ("run_dir", str),
     },
-    "certificates": {"device_validity_days": ("device_validity_days", int)},
+    "certificates": {
+        "device_validity_days": ("device_validity_days", int),
+        "device_validity_seconds": ("device_validity_seconds", int),
+    },
     "services": {"client_id": ("services_client_id", str)},
     "provisioning": {
         "templates_dir": ("templates_dir", str),
@@ -122,6 +133,11 @@ def _validate(path: Path, config: BrokerConfig) -> None:
         raise ConfigError(f"{path}: broker.max_open_files must be at least 1024")
     if not 1 <= config.device_validity_days <= 3650:
         raise ConfigError(f"{path}: certificates.device_validity_days must be 1-3650")
+    if config.device_validity_seconds and not 60 <= config.device_validity_seconds <= 86400:
+        raise ConfigError(
+            f"{path}: certificates.device_validity_seconds must be 60-86400 (or 0 to use "
+            "device_validity_days)"
+        )
     if not 60 <= config.token_lifetime_seconds <= 7 * 24 * 3600:
         raise ConfigError(
             f"{path}: provisioning.ownership_token_lifetime_seconds must be 60-604800"

@@ -309,11 +309,13 @@ class CertificateAuthority:
         public_key: CertificatePublicKeyTypes,
         *,
         common_name: str,
-        days: int,
+        days: int | None = None,
+        validity: dt.timedelta | None = None,
         purpose: Literal["server", "client"],
         dns_names: Sequence[str] = (),
         ip_addresses: Sequence[str] = (),
     ) -> x509.Certificate:
+        """A certificate valid for ``days`` (or ``validity``) from now."""
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
         names: list[x509.GeneralName] = [x509.DNSName(name) for name in dns_names]
         for text in ip_addresses:
@@ -321,25 +323,38 @@ class CertificateAuthority:
                 names.append(x509.IPAddress(ipaddress.ip_address(text)))
             except ValueError:
                 raise PkiError(f"{text!r} is not an IP address; pass e.g. 192.0.2.10") from None
-        return self._issue(subject, public_key, days=days, purpose=purpose, alt_names=names)
+        return self._issue(
+            subject,
+            public_key,
+            validity=_validity(days, validity),
+            purpose=purpose,
+            alt_names=names,
+        )
 
-    def sign_csr(self, csr: x509.CertificateSigningRequest, *, days: int) -> x509.Certificate:
+    def sign_csr(
+        self,
+        csr: x509.CertificateSigningRequest,
+        *,
+        days: int | None = None,
+        validity: dt.timedelta | None = None,
+    ) -> x509.Certificate:
         """A client certificate for an already validated CSR's key and subject."""
-        return self._issue(csr.subject, csr.public_key(), days=days, purpose="client")
+        return self._issue(
+            csr.subject, csr.public_key(), validity=_validity(days, validity), purpose="client"
+        )
 
     def _issue(
         self,
         subject: x509.Name,
         public_key: CertificatePublicKeyTypes,
         *,
-        days: int,
+        validity: dt.timedelta,
         purpose: Literal["server", "client"],
         alt_names: Sequence[x509.GeneralName] = (),
     ) -> x509.Certificate:
-        _check_days(days)
         now = utc_now()
         # A certificate outliving its CA would fail verification anyway; say so in its dates.
-        not_after = min(now + dt.timedelta(days=days), self.certificate.not_valid_after_utc)
+        not_after = min(now + validity, self.certificate.not_valid_after_utc)
         server = purpose == "server"
         usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
         builder = (
@@ -422,6 +437,23 @@ class CertificateAuthority:
                 "the CRL has expired (or has no next update) and would lock out every client; "
                 "rebuild it by restarting the broker"
             )
+
+
+MIN_VALIDITY = dt.timedelta(seconds=60)
+
+
+def _validity(days: int | None, validity: dt.timedelta | None) -> dt.timedelta:
+    """One of ``days`` (at least 1) or ``validity`` (at least a minute: short-lived
+    certificates exist to exercise renewal)."""
+    if (days is None) == (validity is None):
+        raise ValueError("give exactly one of days= and validity=")
+    if days is not None:
+        _check_days(days)
+        return dt.timedelta(days=days)
+    assert validity is not None
+    if validity < MIN_VALIDITY:
+        raise PkiError(f"validity of {validity} is too short; give at least {MIN_VALIDITY}")
+    return validity
 
 
 def _check_days(days: int) -> None:

@@ -55,7 +55,7 @@ TOKEN_MESSAGES = {
 
 @dataclass(frozen=True)
 class ProvisioningSettings:
-    device_validity_days: int = 365
+    device_validity: dt.timedelta = dt.timedelta(days=365)
     token_lifetime: dt.timedelta = dt.timedelta(hours=1)
     allow_server_generated_keys: bool = False
     reserved_thing_names: frozenset[str] = frozenset()
@@ -148,7 +148,7 @@ class ProvisioningService:
         if csr_pem is None:
             raise invalid_payload("Missing required field: certificateSigningRequest.")
         csr = validate_csr(csr_pem)
-        certificate = self.ca.sign_csr(csr, days=self.settings.device_validity_days)
+        certificate = self.ca.sign_csr(csr, validity=self.settings.device_validity)
         answer = self._issue(certificate)
         log.info(
             "issued certificate %s… to %s (%s)",
@@ -168,7 +168,7 @@ class ProvisioningService:
         certificate = self.ca.issue(
             key.public_key(),
             common_name=f"device of {caller.client_id}"[:64],
-            days=self.settings.device_validity_days,
+            validity=self.settings.device_validity,
             purpose="client",
         )
         answer = self._issue(certificate)
@@ -261,6 +261,12 @@ class ProvisioningService:
             if active and caller.thing != name:
                 raise conflict(f"Thing {name} already exists with an active certificate.")
             attributes, groups, thing_type = self._apply_overrides(plan, existing)
+        # The thing's own device asking with its current certificate: a renewal.
+        renews = (
+            caller.certificate_id
+            if caller.role == "device" and caller.certificate_id != certificate_id
+            else None
+        )
         status = CertificateStatus.ACTIVE
         if plan.certificate is not None and plan.certificate.status.upper() == "INACTIVE":
             status = CertificateStatus.INACTIVE
@@ -272,6 +278,7 @@ class ProvisioningService:
             attributes=attributes,
             thing_groups=groups,
             thing_type=thing_type,
+            renews=renews,
             policies=[
                 (p.name or p.logical_id, json.dumps(p.document) if p.document else None)
                 for p in plan.policies

@@ -31,7 +31,7 @@ from cryptography import x509
 
 from broker.pki import certificate_id, certificate_pem
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -59,7 +59,9 @@ CREATE TABLE IF NOT EXISTS certificates (
     not_after REAL NOT NULL,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
-    revoked_at REAL
+    revoked_at REAL,
+    renewal_of TEXT,
+    retire_pending INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS certificates_thing_name ON certificates(thing_name);
 CREATE TABLE IF NOT EXISTS ownership_tokens (
@@ -88,6 +90,15 @@ CREATE TABLE IF NOT EXISTS shadows (
 """
 
 THING_NAME = re.compile(r"[a-zA-Z0-9:_-]{1,128}")
+# Schema 1 -> 2: certificate renewal (the certificate a renewal replaces, and whether that one
+# still waits to be retired when the new one first connects).
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        "ALTER TABLE certificates ADD COLUMN renewal_of TEXT",
+        "ALTER TABLE certificates ADD COLUMN retire_pending INTEGER NOT NULL DEFAULT 0",
+    ),
+}
+
 CERTIFICATE_ID = re.compile(r"[0-9a-f]{64}")
 CERTIFICATE_ID_PREFIX = re.compile(r"[0-9a-f]{8,63}")
 
@@ -177,6 +188,9 @@ class Registration:
     thing_groups: Sequence[str] | None = None
     thing_type: str | None = None
     policies: Sequence[tuple[str, str | None]] = ()
+    #: A renewal: the certificate of the thing's own device that asked, retired (INACTIVE)
+    #: once the new certificate first connects.
+    renews: str | None = None
 
 
 @dataclass(frozen=True)
@@ -202,6 +216,7 @@ class CertificateRecord:
     not_after: dt.datetime
     created_at: dt.datetime
     revoked_at: dt.datetime | None
+    renewal_of: str | None = None
 
 
 def validate_thing_name(name: str) -> str:
@@ -312,6 +327,8 @@ class Registry(Protocol):
 
     def complete_registration(self, registration: Registration) -> Thing: ...
 
+    def retire_renewed(self, certificate_id: str) -> list[str]: ...
+
     def load_shadow(self, thing_name: str, shadow_name: str) -> StoredShadow | None: ...
 
     def save_shadow(
@@ -329,8 +346,29 @@ class Registry(Protocol):
 
 
 _CERT_COLUMNS = (
-    "id, pem, serial, role, status, thing_name, label, not_after, created_at, revoked_at"
+    "id, pem, serial, role, status, thing_name, label, not_after, created_at, revoked_at,"
+    " renewal_of"
 )
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring an older registry up to SCHEMA_VERSION, one step per transaction."""
+    while True:
+        row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        steps = MIGRATIONS.get(int(row[0])) if row is not None else None
+        if steps is None:
+            return  # current, or newer than this program: the caller says which
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in steps:
+                db.execute(statement)
+            db.execute(
+                "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(int(row[0]) + 1),)
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
 
 def _certificate_record(row: sqlite3.Row) -> CertificateRecord:
@@ -345,6 +383,7 @@ def _certificate_record(row: sqlite3.Row) -> CertificateRecord:
         not_after=_utc(row["not_after"]),
         created_at=_utc(row["created_at"]),
         revoked_at=_datetime(row["revoked_at"]),
+        renewal_of=row["renewal_of"],
     )
 
 
@@ -439,6 +478,11 @@ class SQLiteRegistry:
             mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode != "wal":
                 raise RegistryError(f"{path}: cannot switch the registry to WAL mode ({mode})")
+            existing = db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+            ).fetchone()
+            if existing is not None:
+                _migrate(db)
             db.executescript(SCHEMA)
             db.execute(
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
@@ -561,7 +605,7 @@ class SQLiteRegistry:
         try:
             db.execute(
                 f"INSERT INTO certificates ({_CERT_COLUMNS}, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.id,
                     record.pem,
@@ -573,6 +617,7 @@ class SQLiteRegistry:
                     record.not_after.timestamp(),
                     now,
                     now if record.revoked_at else None,
+                    None,
                     now,
                 ),
             )
@@ -841,9 +886,27 @@ class SQLiteRegistry:
             )
             self._upsert_thing(db, r.thing_name, attrs, groups, r.thing_type, now)
             db.execute(
-                "UPDATE certificates SET thing_name = ?, status = ?, updated_at = ? WHERE id = ?",
-                (r.thing_name, r.certificate_status.value, now, r.certificate_id),
+                "UPDATE certificates SET thing_name = ?, status = ?, updated_at = ?,"
+                " renewal_of = ?, retire_pending = ? WHERE id = ?",
+                (
+                    r.thing_name,
+                    r.certificate_status.value,
+                    now,
+                    r.renews,
+                    1 if r.renews else 0,
+                    r.certificate_id,
+                ),
             )
+            if r.renews:
+                # An earlier renewal of the same certificate that never connected (its key was
+                # lost in a crash, or a device asks again and again) is retired now: a thing
+                # has at most its current certificate and one renewal in waiting.
+                db.execute(
+                    "UPDATE certificates SET status = 'INACTIVE', retire_pending = 0,"
+                    " updated_at = ? WHERE renewal_of = ? AND retire_pending = 1 AND id != ?"
+                    " AND status = 'ACTIVE'",
+                    (now, r.renews, r.certificate_id),
+                )
             db.executemany(
                 "INSERT OR REPLACE INTO policy_attachments"
                 " (certificate_id, policy_name, policy_document) VALUES (?, ?, ?)",
@@ -851,6 +914,29 @@ class SQLiteRegistry:
             )
             row = db.execute("SELECT * FROM things WHERE name = ?", (r.thing_name,)).fetchone()
         return _thing(row)
+
+    def retire_renewed(self, certificate_id: str) -> list[str]:
+        """``certificate_id`` has connected: if it is a renewal still waiting, make the
+        certificate it renews INACTIVE and return that id (empty if nothing to do)."""
+        now = time.time()
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT renewal_of FROM certificates WHERE id = ? AND retire_pending = 1"
+                " AND status = 'ACTIVE'",
+                (certificate_id.lower(),),
+            ).fetchone()
+            if row is None:
+                return []
+            db.execute(
+                "UPDATE certificates SET retire_pending = 0, updated_at = ? WHERE id = ?",
+                (now, certificate_id.lower()),
+            )
+            retired = db.execute(
+                "UPDATE certificates SET status = 'INACTIVE', updated_at = ?"
+                " WHERE id = ? AND status = 'ACTIVE'",
+                (now, row["renewal_of"]),
+            ).rowcount
+        return [row["renewal_of"]] if retired else []
 
     # --- shadows ('' is the classic shadow)
 

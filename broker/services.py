@@ -191,7 +191,7 @@ def install_provisioning(
         templates,
         hooks,
         ProvisioningSettings(
-            device_validity_days=config.device_validity_days,
+            device_validity=config.device_validity,
             token_lifetime=dt.timedelta(seconds=config.token_lifetime_seconds),
             allow_server_generated_keys=config.allow_create_keys,
             reserved_thing_names=frozenset({config.services_client_id}),
@@ -204,6 +204,27 @@ def install_provisioning(
 
     for topic_filter in wire.PROVISIONING_REQUEST_FILTERS:
         services.route(topic_filter, handle, may_block=True)
+
+    def renewal_connected(request: Request, responder: Responder) -> None:
+        # Only the plugin can send this (devices may not publish on $fleet/...): the stamp is
+        # the connection that has just proven the renewal certificate works.
+        if request.sender.role != "device":
+            return
+        retired = registry.retire_renewed(request.sender.certificate_id)
+        for old in retired:
+            log.info(
+                "thing %s renewed its certificate: %s… retired (INACTIVE), %s… in use",
+                request.sender.thing,
+                old[:12],
+                request.sender.certificate_id[:12],
+            )
+        if retired:
+            # Nothing should still use the old certificate; if a copy does, it goes now.
+            responder.publish(
+                wire.CONTROL_TOPIC, "\n".join(f"kick-certificate {c}" for c in retired).encode()
+            )
+
+    services.route(wire.RENEWAL_CONNECTED_TOPIC, renewal_connected)
 
     def purge() -> None:
         removed = registry.purge_expired(dt.datetime.now(dt.timezone.utc))

@@ -211,9 +211,11 @@ class Client:
 class Fleet:
     """A running broker-side stack and the means to make identities and clients for it."""
 
-    def __init__(self, workdir: Path, *, services: bool) -> None:
+    def __init__(self, workdir: Path, *, services: bool, broker_toml: str = "") -> None:
         self.workdir = workdir
         self.pki = bootstrap.initialize(workdir / "certs")
+        if broker_toml:  # read by the services process too
+            (self.pki.root / "broker.toml").write_text(broker_toml)
         self.config: BrokerConfig = load_config(
             self.pki.root, port=free_port(), bind_address="127.0.0.1", log_level="info"
         )
@@ -296,11 +298,12 @@ class Fleet:
 
 @contextlib.contextmanager
 def running_fleet(
-    *, services: bool, templates: Mapping[str, object] | None = None
+    *, services: bool, templates: Mapping[str, object] | None = None, broker_toml: str = ""
 ) -> Iterator[Fleet]:
     """A started stack. ``templates`` maps file names to JSON documents written into the
-    provisioning templates folder before the services start (templates and hooks)."""
-    fleet = Fleet(make_workdir(), services=services)
+    provisioning templates folder before the services start (templates and hooks);
+    ``broker_toml`` is the broker side's config file."""
+    fleet = Fleet(make_workdir(), services=services, broker_toml=broker_toml)
     if templates:
         folder = fleet.config.templates_dir
         folder.mkdir(parents=True, exist_ok=True)

@@ -12,11 +12,14 @@ from cryptography import x509
 
 from broker.pki import CertificateAuthority, certificate_id, generate_private_key
 from broker.registry import (
+    SCHEMA,
+    SCHEMA_VERSION,
     CertificateExists,
     CertificateRole,
     CertificateStatus,
     InvalidName,
     InvalidOwnershipToken,
+    Registration,
     RegistryError,
     SQLiteRegistry,
     UnknownCertificate,
@@ -25,7 +28,9 @@ from broker.registry import (
 )
 
 UTC = dt.timezone.utc
-PLUGIN_CERT_QUERY = "SELECT status, role, thing_name FROM certificates WHERE id = ?1"
+PLUGIN_CERT_QUERY = (
+    "SELECT status, role, thing_name, retire_pending FROM certificates WHERE id = ?1"
+)
 PLUGIN_THING_QUERY = "SELECT 1 FROM things WHERE name = ?1"
 
 
@@ -64,7 +69,7 @@ def test_schema_and_wal(registry: SQLiteRegistry, tmp_path: Path) -> None:
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
         assert {"meta", "things", "certificates", "ownership_tokens", "shadows"} <= tables
         version = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        assert version == ("1",)
+        assert version == (str(SCHEMA_VERSION),)
     finally:
         db.close()
 
@@ -306,7 +311,7 @@ def test_plugin_read_only_queries_during_a_write(
             registry._db.execute("UPDATE things SET version = version + 1 WHERE name = 't1'")
             try:
                 row = reader.execute(PLUGIN_CERT_QUERY, (cert_id,)).fetchone()
-                assert row == ("ACTIVE", "device", "t1")
+                assert row == ("ACTIVE", "device", "t1", 0)
                 assert reader.execute(PLUGIN_THING_QUERY, ("t1",)).fetchone() == (1,)
                 assert reader.execute(PLUGIN_THING_QUERY, ("t2",)).fetchone() is None
             finally:
@@ -322,3 +327,106 @@ def test_open_rejects_a_non_database(tmp_path: Path) -> None:
     path.write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(RegistryError, match="not a usable registry database"):
         SQLiteRegistry.open(path)
+
+
+# ------------------------------------------------------------------- renewal
+
+
+def register(
+    registry: SQLiteRegistry, ca: CertificateAuthority, thing: str, renews: str | None
+) -> str:
+    """A certificate registered to ``thing`` through RegisterThing, as a renewal if ``renews``."""
+    cert_id = add_device(registry, ca, status=CertificateStatus.PENDING_ACTIVATION)
+    token = f"token-{cert_id[:16]}"
+    registry.add_ownership_token(cert_id, token, dt.datetime.now(UTC) + dt.timedelta(hours=1))
+    registry.complete_registration(
+        Registration(token, cert_id, thing, CertificateStatus.ACTIVE, renews=renews)
+    )
+    return cert_id
+
+
+def status_of(registry: SQLiteRegistry, cert_id: str) -> CertificateStatus:
+    record = registry.get_certificate(cert_id)
+    assert record is not None
+    return record.status
+
+
+def test_renewal_retires_the_old_certificate_once_the_new_one_connects(
+    registry: SQLiteRegistry, ca: CertificateAuthority
+) -> None:
+    old = register(registry, ca, "t1", renews=None)
+    new = register(registry, ca, "t1", renews=old)
+    record = registry.get_certificate(new)
+    assert record is not None and record.renewal_of == old
+    # Until the new certificate has connected, both work: the device may still fall back.
+    assert status_of(registry, old) is CertificateStatus.ACTIVE
+    assert status_of(registry, new) is CertificateStatus.ACTIVE
+
+    assert registry.retire_renewed(new) == [old]
+    assert status_of(registry, old) is CertificateStatus.INACTIVE
+    assert status_of(registry, new) is CertificateStatus.ACTIVE
+    assert registry.retire_renewed(new) == []  # once only: later connects cost nothing
+    assert registry.retire_renewed(old) == []  # an ordinary certificate: nothing to retire
+
+
+def test_renewal_that_never_connected_is_retired_by_the_next_one(
+    registry: SQLiteRegistry, ca: CertificateAuthority
+) -> None:
+    """A device asking again and again holds at most one renewal in waiting."""
+    old = register(registry, ca, "t1", renews=None)
+    abandoned = [register(registry, ca, "t1", renews=old) for _ in range(3)]
+    latest = register(registry, ca, "t1", renews=old)
+    for cert_id in abandoned:
+        assert status_of(registry, cert_id) is CertificateStatus.INACTIVE
+    assert status_of(registry, old) is CertificateStatus.ACTIVE
+    assert status_of(registry, latest) is CertificateStatus.ACTIVE
+    assert registry.retire_renewed(abandoned[0]) == []  # inactive: cannot retire anything
+    assert registry.retire_renewed(latest) == [old]
+
+
+def test_renewal_does_not_retire_a_revoked_certificate_twice(
+    registry: SQLiteRegistry, ca: CertificateAuthority
+) -> None:
+    old = register(registry, ca, "t1", renews=None)
+    new = register(registry, ca, "t1", renews=old)
+    registry.set_certificate_status(old, CertificateStatus.REVOKED)
+    assert registry.retire_renewed(new) == []
+    assert status_of(registry, old) is CertificateStatus.REVOKED  # never downgraded
+
+
+def test_schema_1_is_migrated_in_place(tmp_path: Path, ca: CertificateAuthority) -> None:
+    path = tmp_path / "registry.db"
+    v1_schema = SCHEMA.replace(
+        "    revoked_at REAL,\n    renewal_of TEXT,\n"
+        "    retire_pending INTEGER NOT NULL DEFAULT 0\n",
+        "    revoked_at REAL\n",
+    )
+    assert "renewal_of" not in v1_schema
+    db = sqlite3.connect(path)
+    db.executescript(v1_schema)
+    db.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    db.execute("INSERT INTO things (name, created_at, updated_at) VALUES ('t1', 0, 0)")
+    cert = new_cert(ca)
+    db.execute(
+        "INSERT INTO certificates (id, pem, serial, role, status, thing_name, not_after,"
+        " created_at, updated_at) VALUES (?, 'pem', '1', 'device', 'ACTIVE', 't1', 0, 0, 0)",
+        (certificate_id(cert),),
+    )
+    db.commit()
+    db.close()
+
+    with SQLiteRegistry.open(path) as migrated:
+        record = migrated.get_certificate(certificate_id(cert))
+        assert record is not None and record.status is CertificateStatus.ACTIVE
+        assert record.renewal_of is None
+    db = sqlite3.connect(path)
+    try:
+        assert db.execute("SELECT value FROM meta").fetchone() == (str(SCHEMA_VERSION),)
+        assert db.execute(PLUGIN_CERT_QUERY, (certificate_id(cert),)).fetchone() == (
+            "ACTIVE",
+            "device",
+            "t1",
+            0,
+        )
+    finally:
+        db.close()

@@ -23,6 +23,11 @@
  * id) and fleet-connection (the connection serial from the stamp); the plugin
  * delivers the message to that connection only, and only if it is still the
  * same connection that asked.
+ *
+ * Renewal: when a device connects with a certificate that renews another one
+ * (registry column retire_pending), the plugin tells the service, stamped with
+ * that connection's identity, on EVENT_CONNECTED_TOPIC; the service then
+ * retires the certificate it replaces. Only renewals cost a message.
  */
 #include <ctype.h>
 #include <stdbool.h>
@@ -44,6 +49,7 @@
 #define PROP_PREFIX "fleet-"
 #define SINK_TOPIC "$fleet/void"
 #define CONTROL_TOPIC "$CONTROL/fleet/v1"
+#define EVENT_CONNECTED_TOPIC "$fleet/v1/events/renewal-connected"
 #define CERT_ID_LEN 64
 #define BUCKETS 16384
 
@@ -306,6 +312,7 @@ fail:
 struct cert_record {
 	bool found;
 	bool active;
+	bool retire_pending;
 	enum role role;
 	char thing[129];
 };
@@ -324,6 +331,7 @@ static bool lookup_certificate(const char *cert_id, struct cert_record *rec)
 		rec->found = true;
 		rec->active = status && !strcmp(status, "ACTIVE");
 		rec->role = role ? (enum role)parse_roles(role) : ROLE_NONE;
+		rec->retire_pending = sqlite3_column_int(stmt_certificate, 3) != 0;
 		if(thing && strlen(thing) < sizeof(rec->thing)) strcpy(rec->thing, thing);
 	}else if(rc != SQLITE_DONE){
 		mosquitto_log_printf(MOSQ_LOG_ERR, LOG_PREFIX "registry lookup failed: %s", sqlite3_errmsg(registry));
@@ -356,7 +364,7 @@ static int registry_open(void)
 		return MOSQ_ERR_INVAL;
 	}
 	sqlite3_busy_timeout(registry, 2000);
-	if(sqlite3_prepare_v2(registry, "SELECT status, role, thing_name FROM certificates WHERE id = ?1",
+	if(sqlite3_prepare_v2(registry, "SELECT status, role, thing_name, retire_pending FROM certificates WHERE id = ?1",
 				-1, &stmt_certificate, NULL) != SQLITE_OK
 			|| sqlite3_prepare_v2(registry, "SELECT 1 FROM things WHERE name = ?1",
 				-1, &stmt_thing, NULL) != SQLITE_OK){
@@ -368,6 +376,8 @@ static int registry_open(void)
 }
 
 /* ------------------------------------------------------------ connections */
+
+static void notify_renewal_connected(const struct conn *c, const char *thing);
 
 static int refuse(const char *client_id, const char *cert_id, const char *why)
 {
@@ -472,6 +482,7 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
 	existing->serial = next_serial++;
 	existing->role = rec.role;
 	memcpy(existing->cert_id, cert_id, sizeof(cert_id));
+	if(rec.role == ROLE_DEVICE && rec.retire_pending) notify_renewal_connected(existing, rec.thing);
 	return MOSQ_ERR_SUCCESS;
 }
 
@@ -644,34 +655,55 @@ static int deliver_reply(struct mosquitto_evt_message *ed)
 	return sink(ed);
 }
 
+/* One property, "<connection> <role> <certificate id> <thing or -> <client id>": the client
+ * id goes last because it alone may contain spaces. One property instead of five halves
+ * the service's MQTT 5 parsing cost per request. */
+static int add_sender(mosquitto_property **props, const struct conn *c, const char *username)
+{
+	size_t sender_len = strlen(c->client_id) + strlen(username ? username : "-") + CERT_ID_LEN + 48;
+	char *sender = mosquitto_malloc(sender_len);
+	int rc;
+	if(!sender) return MOSQ_ERR_NOMEM;
+	snprintf(sender, sender_len, "%llu %s %s %s %s", c->serial, role_name(c->role), c->cert_id,
+			c->role == ROLE_DEVICE && username ? username : "-", c->client_id);
+	rc = mosquitto_property_add_string_pair(props, MQTT_PROP_USER_PROPERTY, PROP_PREFIX "sender", sender);
+	mosquitto_free(sender);
+	return rc;
+}
+
+/* Tell the service that a renewal certificate has connected (see the header). */
+static void notify_renewal_connected(const struct conn *c, const char *thing)
+{
+	mosquitto_property *props = NULL;
+	if(!service_id) return;
+	if(add_sender(&props, c, thing) != MOSQ_ERR_SUCCESS){
+		mosquitto_property_free_all(&props);
+		return;
+	}
+	/* Queued for the service's persistent session: delivered even if it is restarting. */
+	if(mosquitto_broker_publish(service_id, EVENT_CONNECTED_TOPIC, 0, NULL, 1, false, props)
+			!= MOSQ_ERR_SUCCESS){
+		mosquitto_log_printf(MOSQ_LOG_ERR, LOG_PREFIX "cannot notify the service of renewal %.12s", c->cert_id);
+		return;
+	}
+	mosquitto_log_printf(MOSQ_LOG_NOTICE, LOG_PREFIX "'%s' connected with renewal certificate %.12s", c->client_id, c->cert_id);
+}
+
 static int forward_request(struct mosquitto_evt_message *ed, const char *client_id, enum role role,
 		const char *username)
 {
 	struct conn *c = conn_find(client_id);
 	mosquitto_property *props = NULL;
-	size_t sender_len;
-	char *sender;
 	int rc;
 
-	if(!c || c->client != ed->client){
+	if(!c || c->client != ed->client || c->role != role){
 		/* Cannot tell who this is: never forward an unattributed request. */
 		return sink(ed);
 	}
-	/* One property, "<connection> <role> <certificate id> <thing or -> <client id>": the client
-	 * id goes last because it alone may contain spaces. One property instead of five halves
-	 * the service's MQTT 5 parsing cost per request. */
-	sender_len = strlen(client_id) + strlen(username ? username : "-") + CERT_ID_LEN + 48;
-	sender = mosquitto_malloc(sender_len);
-	if(!sender) return MOSQ_ERR_NOMEM;
-	snprintf(sender, sender_len, "%llu %s %s %s %s", c->serial, role_name(role), c->cert_id,
-			role == ROLE_DEVICE ? username : "-", client_id);
-	if(!copy_without_fleet(&props, ed->properties)
-			|| mosquitto_property_add_string_pair(&props, MQTT_PROP_USER_PROPERTY, PROP_PREFIX "sender", sender)){
-		mosquitto_free(sender);
+	if(!copy_without_fleet(&props, ed->properties) || add_sender(&props, c, username) != MOSQ_ERR_SUCCESS){
 		mosquitto_property_free_all(&props);
 		return MOSQ_ERR_NOMEM;
 	}
-	mosquitto_free(sender);
 	/* QoS 1 at least: the service's persistent session queues requests while it restarts. */
 	rc = mosquitto_broker_publish_copy(service_id, ed->topic, (int)ed->payloadlen, ed->payload,
 			ed->qos ? ed->qos : 1, false, props);
