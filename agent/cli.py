@@ -20,14 +20,23 @@ from typing import Final
 
 from agent import control, logs, wire
 from agent.config import DEFAULT_CONFIG, AgentConfig, ConfigError, claim_file_problems, load_config
-from agent.device import Device, SetupError, handler_registry, one_shot, serve_device
+from agent.device import (
+    Device,
+    SetupError,
+    handler_registry,
+    one_shot,
+    renew_once,
+    serve_device,
+)
 from agent.instance import AlreadyRunning, InstanceLock
 from agent.keystore import Keystore, KeystoreError, Provisioned, remove_durably
 from agent.onboarding import ClaimSettings, OnboardingFailed, onboard
 from agent.provisioning import RetryPolicy
 from agent.reconnect import Backoff
-from agent.runtime import CertificateRevoked
+from agent.renewal import RenewalFailed, renewal_time
+from agent.runtime import CertificateUnusable
 from agent.session import SessionError, tls_context
+from agent.shadow import ReportQueueFull
 from agent.shadow_sync import ShadowRejected, ShadowSync
 from agent.systemd import Notifier, watchdog_loop
 
@@ -117,6 +126,21 @@ def build_parser() -> argparse.ArgumentParser:
     config_commands = config.add_subparsers(dest="config_command", metavar="ACTION")
     config_commands.required = True
     _common(config_commands.add_parser("check", help="validate agent.toml and the state folder"))
+    renew = commands.add_parser(
+        "renew",
+        help="renew the device certificate now (through the running agent if any)",
+        description="A new key and CSR, a certificate for the same thing requested with the "
+        "current one, a test connection with it, then the switch; the old certificate is kept "
+        "until the new one has connected, and the broker then retires it.",
+    )
+    _common(renew)
+    renew.add_argument(
+        "--wait",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long to wait for the running agent to finish it (default 60)",
+    )
     shadow = commands.add_parser(
         "shadow",
         help="read this device's shadow or report state (through the running agent if any)",
@@ -303,7 +327,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         return asyncio.run(main())
-    except CertificateRevoked as exc:
+    except CertificateUnusable as exc:
         raise Failure(
             f"{exc}; this device must be provisioned again (fleet-agent provision --force) "
             "or given a new certificate",
@@ -313,8 +337,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         lock.release()
 
 
-def cmd_shadow(args: argparse.Namespace) -> int:
-    config, keystore = _load(args)
+def _require_provisioned(config: AgentConfig, keystore: Keystore) -> Provisioned:
     provisioned = _provisioned(keystore)
     if provisioned is None:
         raise Failure(
@@ -322,6 +345,52 @@ def cmd_shadow(args: argparse.Namespace) -> int:
             f"{PROG} provision or {PROG} run first",
             EXIT_USAGE,
         )
+    return provisioned
+
+
+def cmd_renew(args: argparse.Namespace) -> int:
+    config, keystore = _load(args)
+    provisioned = _require_provisioned(config, keystore)
+    old = provisioned.record.certificate_id
+    lock = InstanceLock(keystore.root)
+    if lock.held_elsewhere():
+        try:
+            control.call(
+                keystore.root / control.SOCKET_NAME,
+                {"op": "renew", "wait": args.wait},
+                timeout=args.wait + 10,
+            )
+        except control.ControlError as exc:
+            raise Failure(f"running agent: {exc}", EXIT_FAILED) from None
+    else:
+        try:
+            lock.acquire()
+        except AlreadyRunning as exc:
+            raise Failure(f"{exc}; try again", EXIT_TRANSIENT) from None
+        try:
+            asyncio.run(renew_once(Device(config, keystore, provisioned)))
+        except RenewalFailed as exc:
+            raise Failure(f"renewal failed: {exc}", EXIT_FAILED) from None
+        except SessionError as exc:
+            raise Failure(
+                f"cannot connect with the current certificate: {exc}", EXIT_TRANSIENT
+            ) from None
+        finally:
+            lock.release()
+    renewed = keystore.provisioned()
+    assert renewed is not None
+    expires = keystore.load_certificate().not_valid_after_utc.isoformat()
+    print(
+        f"renewed the certificate of thing {renewed.record.thing_name}: now "
+        f"{renewed.record.certificate_id[:12]}…, valid until {expires}; the broker retires "
+        f"{old[:12]}…"
+    )
+    return EXIT_OK
+
+
+def cmd_shadow(args: argparse.Namespace) -> int:
+    config, keystore = _load(args)
+    provisioned = _require_provisioned(config, keystore)
     shadow = args.name
     if shadow is not None and shadow not in config.shadow.names:
         config = dataclasses.replace(
@@ -436,6 +505,10 @@ def _shadow_one_shot(
         raise Failure(str(exc), EXIT_TRANSIENT) from None
     except ShadowRejected as exc:
         raise Failure(str(exc), EXIT_FAILED) from None
+    except ReportQueueFull as exc:
+        raise Failure(
+            f"{exc}; `{PROG} run` sends the queue when the broker is reachable", EXIT_TRANSIENT
+        ) from None
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
@@ -472,7 +545,7 @@ def _ago(stamp: object) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    _, keystore = _load(args)
+    config, keystore = _load(args)
     provisioned = _provisioned(keystore, create=False)
     report: dict[str, object] = {"state_dir": str(keystore.root), "provisioned": False}
     if provisioned is not None:
@@ -483,6 +556,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             certificate_id=provisioned.record.certificate_id,
             certificate_expires=certificate.not_valid_after_utc.isoformat(),
         )
+        if config.renewal.enabled:
+            due = renewal_time(certificate, config.renewal.share)
+            report["renewal_due"] = due.isoformat()
     lock = InstanceLock(keystore.root)
     running = keystore.root.exists() and lock.held_elsewhere()
     report["agent"] = "running" if running else "not running"
@@ -505,6 +581,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"thing        {report['thing']}")
         certificate_id = str(report["certificate_id"])[:12]
         print(f"certificate  {certificate_id}… expires {report['certificate_expires']}")
+        due = report.get("renewal_due")
+        print(f"renewal      {'due ' + str(due) if due else 'off (renewal.enabled = false)'}")
     runtime = report.get("runtime")
     if isinstance(runtime, dict):
         since = runtime.get("connected_since")
@@ -512,6 +590,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"agent        running, {state}")
         if runtime.get("last_error"):
             print(f"last error   {runtime['last_error']}")
+        renewal = runtime.get("certificate") or {}
+        if renewal.get("last_error"):
+            retry = renewal.get("renew_at")
+            when = f"; next attempt in {max(0, int(retry - time.time()))} s" if retry else ""
+            print(
+                f"renewal      {renewal.get('failures')} failed attempt(s): "
+                f"{renewal['last_error']}{when}"
+            )
         for name, shadow in (runtime.get("shadows") or {}).items():
             print(
                 f"shadow {name:<6} version {shadow.get('version')}, last sync "
@@ -540,6 +626,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "shadow": cmd_shadow,
         "status": cmd_status,
         "config": cmd_config_check,
+        "renew": cmd_renew,
     }
     try:
         return commands[args.command](args)

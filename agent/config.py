@@ -19,6 +19,7 @@ from agent import wire
 from agent.handlers import UNHANDLED_POLICIES, Unhandled
 from agent.keystore import DEFAULT_STATE_DIR, KEY_TYPES, KeyType
 from agent.provisioning import DEFAULT_COMMON_NAME, DEFAULT_TEMPLATE
+from agent.renewal import RenewalPolicy
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -79,6 +80,7 @@ class ShadowSection:
     command_keys: tuple[str, ...] = ()
     command_timeout: float = 30.0
     plugins: tuple[str, ...] = ()
+    queue_max_bytes: int = 64 * 1024  # reports waiting on disk, per shadow
 
     @property
     def shadows(self) -> tuple[str | None, ...]:
@@ -94,6 +96,7 @@ class AgentConfig:
     provisioning: ProvisioningSection
     agent: AgentSection
     shadow: ShadowSection = field(default_factory=ShadowSection)
+    renewal: RenewalPolicy = field(default_factory=RenewalPolicy)
 
 
 # section -> key -> (kind, required, default). Kinds: str, int, float, bool, path, table.
@@ -132,6 +135,13 @@ SCHEMA: Final[dict[str, dict[str, _Spec]]] = {
         "command_keys": ("list", False, []),
         "command_timeout": ("float", False, 30.0),
         "plugins": ("list", False, []),
+        "queue_max_bytes": ("int", False, 64 * 1024),
+    },
+    "renewal": {
+        "enabled": ("bool", False, True),
+        "share": ("float", False, 0.8),
+        "retry_base": ("float", False, 60.0),
+        "retry_cap": ("float", False, 3600.0),
     },
 }
 _KIND_NAMES: Final = {
@@ -346,6 +356,8 @@ def load_config(
         )
     if isinstance(sh["command_timeout"], int | float) and not 0 < sh["command_timeout"] <= 3600:
         problems.append(f"{path}: shadow.command_timeout must be between 0 and 3600 seconds")
+    if isinstance(sh["queue_max_bytes"], int) and not 1024 <= sh["queue_max_bytes"] <= 64 << 20:
+        problems.append(f"{path}: shadow.queue_max_bytes must be between 1024 and 67108864")
     command = as_path(sh["command"])
     if command is not None:
         if not command.is_file():
@@ -354,6 +366,23 @@ def load_config(
             problems.append(
                 f"{path}: shadow.command {command} is not executable; run: chmod +x {command}"
             )
+
+    r = values["renewal"]
+    if isinstance(r["share"], int | float) and not 0.05 <= r["share"] <= 0.99:
+        problems.append(
+            f"{path}: renewal.share must be between 0.05 and 0.99 (of the certificate's "
+            f"validity), got {r['share']}"
+        )
+    if isinstance(r["retry_base"], int | float) and not 1 <= r["retry_base"] <= 86400:
+        problems.append(f"{path}: renewal.retry_base must be between 1 and 86400 seconds")
+    if (
+        isinstance(r["retry_cap"], int | float)
+        and isinstance(r["retry_base"], int | float)
+        and not r["retry_base"] <= r["retry_cap"] <= 7 * 86400
+    ):
+        problems.append(
+            f"{path}: renewal.retry_cap must be between renewal.retry_base and 604800 seconds"
+        )
 
     ca_file, claim_cert, claim_key = (
         as_path(b["ca_file"]),
@@ -392,6 +421,13 @@ def load_config(
             command_keys=tuple(sh["command_keys"]),
             command_timeout=float(sh["command_timeout"]),
             plugins=tuple(sh["plugins"]),
+            queue_max_bytes=sh["queue_max_bytes"],
+        ),
+        renewal=RenewalPolicy(
+            enabled=r["enabled"],
+            share=float(r["share"]),
+            retry_base=float(r["retry_base"]),
+            retry_cap=float(r["retry_cap"]),
         ),
     )
 

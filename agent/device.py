@@ -17,10 +17,14 @@ from typing import Any, TypeVar
 from agent import control
 from agent.config import AgentConfig
 from agent.handlers import CommandHandler, HandlerRegistry, HandlerSet, PluginError, load_plugin
-from agent.keystore import Keystore, Provisioned
+from agent.keystore import Keystore, KeystoreError, Provisioned
+from agent.onboarding import prove_certificate
+from agent.provisioning import RetryPolicy
+from agent.renewal import RenewalFailed, RenewalRequest, Renewer
 from agent.reporters import device_reporter
-from agent.runtime import DeviceRuntime, RuntimeSettings
-from agent.session import connect, tls_context
+from agent.runtime import DeviceRuntime, RuntimeSettings, refuses_identity
+from agent.session import Session, SessionError, connect, tls_context, wait_future
+from agent.shadow import ReportQueueFull
 from agent.shadow_sync import FileQueueStore, ShadowSync
 
 T = TypeVar("T")
@@ -53,6 +57,20 @@ class Device:
             keepalive=self.config.agent.keepalive,
         )
 
+    def renewer(self) -> Renewer:
+        provisioning = self.config.provisioning
+        request = RenewalRequest(
+            endpoint=self.config.broker.endpoint,
+            port=self.config.broker.port,
+            template=provisioning.template,
+            parameters=provisioning.parameters,
+            key_type=provisioning.key_type,
+            common_name=provisioning.common_name,
+            timeout=provisioning.timeout,
+            retry=RetryPolicy(max_attempts=provisioning.max_attempts),
+        )
+        return Renewer(self.keystore, self.thing, request, self.config.renewal)
+
     def queue_store(self, shadow: str | None) -> FileQueueStore:
         return FileQueueStore(self.keystore.root / "shadows", shadow)
 
@@ -64,6 +82,7 @@ class Device:
             handlers or HandlerSet("ignore"),
             self.queue_store(shadow),
             timeout=self.config.provisioning.timeout,
+            max_queue_bytes=self.config.shadow.queue_max_bytes,
         )
 
 
@@ -102,7 +121,7 @@ def build_runtime(device: Device) -> DeviceRuntime:
         if section.facts_key
         else []
     )
-    return DeviceRuntime(device.settings(), syncs, reporters)
+    return DeviceRuntime(device.settings(), syncs, reporters, renewer=device.renewer())
 
 
 def control_operations(runtime: DeviceRuntime) -> dict[str, control.Operation]:
@@ -134,7 +153,10 @@ def control_operations(runtime: DeviceRuntime) -> dict[str, control.Operation]:
         if not isinstance(patch, dict) or not patch:
             raise control.ControlError("report needs a non-empty patch object")
         rejected_before = len(sync.rejections)
-        changed = await sync.report(patch)
+        try:
+            changed = await sync.report(patch)
+        except ReportQueueFull as exc:
+            raise control.ControlError(str(exc)) from None
         wait = float(request.get("wait", 10.0))
         sent = await sync.wait_sent(wait) if changed else True
         answer: dict[str, Any] = {
@@ -148,7 +170,24 @@ def control_operations(runtime: DeviceRuntime) -> dict[str, control.Operation]:
             answer["rejected"] = {"code": last.code, "message": last.message}
         return answer
 
-    return {"status": status, "get": get, "report": report}
+    async def renew(request: dict[str, Any]) -> dict[str, Any]:
+        if runtime.renewer is None:
+            raise control.ControlError("this agent has no renewal configured")
+        outcome = runtime.renewer.force()
+
+        def unfinished() -> Exception:
+            return control.ControlError(
+                f"renewal not finished yet ({runtime.last_error or runtime.state}); it goes on "
+                "in the background: see fleet-agent status"
+            )
+
+        try:
+            renewed = await wait_future(outcome, float(request.get("wait", 60.0)), unfinished)
+        except RenewalFailed as exc:
+            raise control.ControlError(f"renewal failed: {exc}") from None
+        return {"ok": True, "certificate_id": renewed.record.certificate_id}
+
+    return {"status": status, "get": get, "report": report, "renew": renew}
 
 
 async def serve_device(device: Device, stop: asyncio.Event) -> None:
@@ -186,3 +225,41 @@ async def one_shot(
         return await action(sync)
     finally:
         await session.disconnect()
+
+
+async def renew_once(device: Device) -> Provisioned:
+    """``fleet-agent renew`` with no daemon: connect as the thing, obtain and stage a new
+    certificate, prove it with a connection of its own, switch. The caller holds the lock.
+    Raises RenewalFailed (the old certificate kept) or SessionError (not connected)."""
+    settings = device.settings()
+    renewer = device.renewer()
+    session: Session = await connect(
+        settings.endpoint,
+        settings.port,
+        client_id=settings.thing,
+        context=tls_context(settings.ca_file, settings.cert_file, settings.key_file),
+        timeout=settings.timeout,
+    )
+    try:
+        staged = await renewer.renew(session)
+    finally:
+        await session.disconnect()
+    try:
+        context = tls_context(settings.ca_file, staged.cert_path, staged.key_path)
+        await prove_certificate(
+            settings.endpoint, settings.port, context, settings.thing, settings.timeout
+        )
+    except SessionError as exc:
+        # Refused or unreachable: which one cannot always be told from here, and a staged set
+        # the broker may already have seen must not be thrown away unless it was refused.
+        if refuses_identity(exc):
+            renewer.refused(str(exc))
+            raise RenewalFailed(f"the broker refused the new certificate: {exc}") from None
+        raise RenewalFailed(
+            f"could not connect with the new certificate ({exc}); it stays staged and is "
+            "tried first on the next connection"
+        ) from None
+    try:
+        return renewer.proven()
+    except (KeystoreError, OSError) as exc:
+        raise RenewalFailed(f"could not switch to the new certificate: {exc}") from None

@@ -6,6 +6,13 @@ mode from the first byte, written, fsynced, renamed over the target, and the fol
 crash therefore leaves either the old file or the new one, never half a credential. The private
 key is 0600 and never logged; the certificate ownership token is never written anywhere (it
 lives in the claim flow's memory only).
+
+Renewal stages a second set beside the first (``device.key.next``, ``device.pem.next``, then
+``provisioning.json.next``, whose presence marks the set complete). The agent proves it by
+connecting with it, then `Keystore.commit_staged` writes ``renewal.commit`` and renames the set
+over the current one; `Keystore.ensure` rolls an interrupted switch forward (the marker is
+there) and drops an incomplete staging (no record), so a crash at any moment leaves one usable
+set: the old one until the commit point, the new one after it.
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ DEFAULT_STATE_DIR: Final = Path("/var/lib/fleet-agent")
 KEY_FILE: Final = "device.key"
 CERT_FILE: Final = "device.pem"
 RECORD_FILE: Final = "provisioning.json"
+STAGED_SUFFIX: Final = ".next"
+COMMIT_MARKER: Final = "renewal.commit"
 _TEMP_PREFIX: Final = ".tmp-"
 
 KeyType = Literal["ec-p256", "ec-p384", "rsa-2048"]
@@ -182,6 +191,15 @@ class Keystore:
     def record_path(self) -> Path:
         return self.root / RECORD_FILE
 
+    @staticmethod
+    def staged_path(path: Path) -> Path:
+        return path.with_name(path.name + STAGED_SUFFIX)
+
+    @property
+    def _credential_paths(self) -> tuple[Path, Path, Path]:
+        """Key, certificate, record: the record last, as it marks a set complete."""
+        return self.key_path, self.cert_path, self.record_path
+
     def ensure(self) -> None:
         """Create the folder 0700 (tighten it if we own it) and drop temp files of a crash."""
         try:
@@ -204,6 +222,15 @@ class Keystore:
         for leftover in self._temporaries():
             with contextlib.suppress(OSError):
                 leftover.unlink()
+        self._recover_renewal()
+
+    def _recover_renewal(self) -> None:
+        """Finish a switch a crash interrupted; drop a staging a crash left incomplete."""
+        if (self.root / COMMIT_MARKER).exists():
+            self._switch_to_staged()
+        elif not self.staged_path(self.record_path).exists():
+            for path in self._credential_paths[:2]:
+                remove_durably(self.staged_path(path))
 
     def _temporaries(self) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
@@ -240,11 +267,77 @@ class Keystore:
         self.save_certificate(certificate_pem)
         self.save_record(record)
 
+    # --------------------------------------------------------------- renewal
+
+    def stage(self, key: PrivateKey, certificate_pem: str, record: ProvisioningRecord) -> None:
+        """Write a renewed set beside the current one; the record goes last (complete)."""
+        self.discard_staged()
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        data = certificate_pem.encode()
+        x509.load_pem_x509_certificate(data)  # never store something unusable
+        write_atomic(self.staged_path(self.key_path), pem, 0o600)
+        write_atomic(self.staged_path(self.cert_path), data, 0o644)
+        write_atomic(self.staged_path(self.record_path), record.to_json(), 0o644)
+
+    def staged(self) -> Provisioned | None:
+        """The staged set if it is complete and consistent; an inconsistent one is discarded
+        (it can only be damage: a crash leaves no record.next behind a partial set)."""
+        record_path = self.staged_path(self.record_path)
+        if not record_path.exists():
+            return None
+        try:
+            record = ProvisioningRecord.from_json(record_path.read_bytes())
+            certificate = x509.load_pem_x509_certificate(
+                self.staged_path(self.cert_path).read_bytes()
+            )
+            key = self._load_key_file(self.staged_path(self.key_path))
+        except (OSError, ValueError, KeyError, TypeError, KeystoreError):
+            self.discard_staged()
+            return None
+        if not same_public_key(key, certificate) or certificate_id(certificate) != (
+            record.certificate_id
+        ):
+            self.discard_staged()
+            return None
+        return Provisioned(
+            record, self.staged_path(self.key_path), self.staged_path(self.cert_path)
+        )
+
+    def discard_staged(self) -> None:
+        """Forget a staged set (the record first: what remains is plainly incomplete)."""
+        for path in reversed(self._credential_paths):
+            remove_durably(self.staged_path(path))
+
+    def commit_staged(self) -> Provisioned:
+        """Make the staged set (proven by a connection) the current one, crash-safely."""
+        if self.staged() is None:
+            raise KeystoreError(f"no complete renewed credentials staged in {self.root}")
+        write_atomic(self.root / COMMIT_MARKER, b"", 0o600)
+        self._switch_to_staged()
+        provisioned = self.provisioned()
+        assert provisioned is not None
+        return provisioned
+
+    def _switch_to_staged(self) -> None:
+        # Idempotent: after a crash half-way, the files already moved are simply skipped.
+        for path in self._credential_paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(self.staged_path(path), path)
+        _fsync_dir(self.root)
+        remove_durably(self.root / COMMIT_MARKER)
+
     # ----------------------------------------------------------------- reads
 
     def load_key(self) -> PrivateKey:
         """The device key; refused if group or others may read it."""
-        path = self.key_path
+        return self._load_key_file(self.key_path)
+
+    @staticmethod
+    def _load_key_file(path: Path) -> PrivateKey:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:

@@ -6,13 +6,20 @@ report. When the connection ends it waits as `Backoff` says and starts again. Re
 facts) run on start and on an interval whether connected or not: offline reports are queued on
 disk and go out on the next connection.
 
-A revoked certificate stops the runtime with `CertificateRevoked` instead of retrying forever.
+A revoked certificate stops the runtime with `CertificateRevoked` (an expired one, refused by
+the broker, with `CertificateExpired`) instead of retrying forever.
+
+With a `Renewer`, a task on each connection waits until the certificate is due for renewal,
+obtains and stages the new one over that connection, and ends it; the next connection is made
+with the staged certificate, which is switched in once the broker accepts it (or discarded if
+the broker refuses it, the old one kept).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import ssl
 import time
@@ -23,6 +30,7 @@ from typing import Any
 
 from agent import wire
 from agent.reconnect import Backoff, FailureKind, ReconnectPolicy
+from agent.renewal import RenewalFailed, Renewer
 from agent.reporters import Reporter
 from agent.session import (
     ADMINISTRATIVE_ACTION,
@@ -34,7 +42,7 @@ from agent.session import (
     connect,
     tls_context,
 )
-from agent.shadow import Document, merge
+from agent.shadow import Document, ReportQueueFull, merge
 from agent.shadow_sync import ShadowRejected, ShadowSync
 
 log = logging.getLogger("fleet.agent.runtime")
@@ -48,8 +56,16 @@ def presence(state: str, reason: str | None = None) -> bytes:
     return wire.encode(document)
 
 
-class CertificateRevoked(Exception):
-    """The broker says the device's certificate is revoked: retrying cannot help."""
+class CertificateUnusable(Exception):
+    """The broker will not accept this certificate again: retrying cannot help."""
+
+
+class CertificateRevoked(CertificateUnusable):
+    """The broker says the device's certificate is revoked."""
+
+
+class CertificateExpired(CertificateUnusable):
+    """The broker refuses the certificate and it has expired: renewal came too late."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +80,14 @@ class RuntimeSettings:
     timeout: float = 10.0
     keepalive: int = 60
     reconnect: ReconnectPolicy = field(default_factory=ReconnectPolicy)
+
+
+def refuses_identity(error: SessionError) -> bool:
+    """Does ``error`` say the broker will not take this certificate (revoked included)?"""
+    try:
+        return classify(error) == "identity"
+    except CertificateRevoked:
+        return True
 
 
 def classify(error: SessionError) -> FailureKind:
@@ -86,6 +110,7 @@ class DeviceRuntime:
         reporters: Sequence[Reporter] = (),
         *,
         context_factory: Callable[[], ssl.SSLContext] | None = None,
+        renewer: Renewer | None = None,
     ) -> None:
         if not syncs:
             raise ValueError("a runtime needs at least one shadow to sync")
@@ -96,6 +121,8 @@ class DeviceRuntime:
             lambda: tls_context(settings.ca_file, settings.cert_file, settings.key_file)
         )
         self.backoff = Backoff(settings.reconnect)
+        self.renewer = renewer
+        self._switching = False  # this connection ends to prove a renewed certificate
         self.session: Session | None = None
         self.state = "starting"
         self.connected_since: float | None = None
@@ -126,12 +153,17 @@ class DeviceRuntime:
         try:
             while not stop.is_set():
                 self.state = "connecting"
+                staged = self.renewer.staged() if self.renewer else None
                 try:
                     session = await connect(
                         self.settings.endpoint,
                         self.settings.port,
                         client_id=self.settings.thing,
-                        context=self._context_factory(),
+                        context=(
+                            tls_context(self.settings.ca_file, staged.cert_path, staged.key_path)
+                            if staged
+                            else self._context_factory()
+                        ),
                         timeout=self.settings.timeout,
                         keepalive=self.settings.keepalive,
                         will=Will(
@@ -139,18 +171,27 @@ class DeviceRuntime:
                         ),
                     )
                 except SessionError as exc:
-                    kind = classify(exc)
                     self.last_error = str(exc)
+                    if staged is not None and self.renewer and refuses_identity(exc):
+                        self.renewer.refused(str(exc))
+                        continue  # straight back with the old certificate
+                    kind = classify(exc)
                     if kind == "identity":
                         log.error("the broker refused this device's certificate: %s", exc)
+                        self._raise_if_expired(exc)
                     else:
                         log.warning("cannot connect: %s", exc)
                     await self._pause(self.backoff.failed(kind), stop)
                     continue
+                if staged is not None and self.renewer:
+                    await self._switch_to_renewed()
                 started = time.monotonic()
                 await self._connected(session, stop)
                 if stop.is_set():
                     break
+                if self._switching:
+                    self._switching = False
+                    continue  # reconnect at once, with the staged certificate
                 kind = self.backoff.connection_ended(time.monotonic() - started)
                 if session.disconnect_code == ADMINISTRATIVE_ACTION:
                     # Kicked, perhaps because the certificate was just revoked: the next
@@ -170,11 +211,52 @@ class DeviceRuntime:
                 await ticker
             self.state = "stopped"
 
+    def _raise_if_expired(self, error: SessionError) -> None:
+        """Refused, and past its notAfter by this device's clock: renewal came too late."""
+        if self.renewer is None:
+            return
+        try:
+            expired_at = self.renewer.certificate().not_valid_after_utc
+        except Exception:  # unreadable: the next start says why
+            return
+        if expired_at < dt.datetime.now(dt.timezone.utc):
+            last = self.renewer.last_error
+            raise CertificateExpired(
+                f"the broker refused the device certificate ({error}) and it expired at "
+                f"{expired_at.isoformat()}"
+                + (f"; the last renewal attempt failed: {last}" if last else "")
+            )
+
+    async def _switch_to_renewed(self) -> None:
+        assert self.renewer is not None
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.renewer.proven)
+        except OSError as exc:
+            # The new certificate works; the switch is retried from the staged files on the
+            # next connection (or the next start).
+            log.error("connected with the renewed certificate but could not switch to it: %s", exc)
+
+    async def _renew_when_due(self, session: Session) -> None:
+        """Returns once a renewed certificate is staged: the connection is then ended."""
+        assert self.renewer is not None
+        while True:
+            await self.renewer.wait_due()
+            try:
+                await self.renewer.renew(session)
+            except RenewalFailed:
+                continue  # the renewer scheduled the retry
+            return
+
     async def report(self, shadow: str | None, patch: Mapping[str, Any]) -> bool:
         return await self.sync(shadow).report(patch)
 
     def status(self) -> dict[str, Any]:
+        certificate: dict[str, Any] | None = None
+        if self.renewer is not None:
+            with contextlib.suppress(Exception):
+                certificate = self.renewer.status()
         return {
+            "certificate": certificate,
             "thing": self.settings.thing,
             "state": self.state,
             "connected_since": self.connected_since,
@@ -228,13 +310,18 @@ class DeviceRuntime:
             self.last_error = None
             log.info("connected to %s as %s", session.where, self.settings.thing)
             tasks = [asyncio.create_task(sync.serve(session)) for sync in self.syncs.values()]
+            renewal = asyncio.create_task(self._renew_when_due(session)) if self.renewer else None
             closed = asyncio.create_task(session.wait_closed())
             stopping = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait(
-                [closed, stopping, *tasks], return_when=asyncio.FIRST_COMPLETED
+                [closed, stopping, *tasks, *([renewal] if renewal else [])],
+                return_when=asyncio.FIRST_COMPLETED,
             )
-            for task in (closed, stopping):
-                task.cancel()
+            for task in (closed, stopping, renewal):
+                if task is not None:
+                    task.cancel()
+            if renewal in done and not renewal.cancelled() and renewal.exception() is None:
+                self._switching = True
             for task in tasks:
                 if task in done and not task.cancelled() and task.exception() is not None:
                     self.last_error = str(task.exception())
@@ -265,7 +352,10 @@ class DeviceRuntime:
             if self.reporters:
                 facts = self.collect_facts()
                 if facts:
-                    await self.facts_shadow.report(facts)
+                    try:
+                        await self.facts_shadow.report(facts)
+                    except ReportQueueFull as exc:
+                        log.warning("device facts not reported: %s", exc)  # fresh ones next tick
             for sync in self.syncs.values():
                 sync.retry_failed()
             with contextlib.suppress(asyncio.TimeoutError):

@@ -51,6 +51,8 @@ def test_minimal_config_gets_the_defaults(folder: Path) -> None:
     assert config.provisioning.parameters == {}
     assert config.agent.state_dir == DEFAULT_STATE_DIR
     assert config.agent.log_level == "warning"
+    assert config.renewal.enabled and config.renewal.share == 0.8
+    assert config.shadow.queue_max_bytes == 65536
 
 
 def test_the_shipped_example_is_valid(folder: Path) -> None:
@@ -113,7 +115,7 @@ def test_unknown_section_is_reported(folder: Path) -> None:
     found = problems(write(folder, MINIMAL + "[extra]\nx = 1\n"))
     assert found == [
         f"{folder / 'agent.toml'}: unknown section [extra] (known: broker, "
-        "claim, provisioning, agent, shadow)"
+        "claim, provisioning, agent, shadow, renewal)"
     ]
 
 
@@ -138,6 +140,11 @@ def test_missing_claim_files_are_named(folder: Path) -> None:
         ("provisioning.parameters=x", "use provisioning.parameters.<Name>=<value>"),
         ("provisioning.template=a/b", "provisioning.template 'a/b' is invalid"),
         ("agent.log_level=loud", "agent.log_level 'loud' is unknown"),
+        ("renewal.share=1.5", "renewal.share must be between 0.05 and 0.99"),
+        ("renewal.enabled=sometimes", "renewal.enabled must be true or false"),
+        ("renewal.retry_base=0", "renewal.retry_base must be between 1 and 86400"),
+        ("renewal.retry_cap=10", "renewal.retry_cap must be between renewal.retry_base"),
+        ("shadow.queue_max_bytes=10", "shadow.queue_max_bytes must be between 1024"),
     ],
 )
 def test_bad_overrides(folder: Path, override: str, message: str) -> None:

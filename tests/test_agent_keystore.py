@@ -234,3 +234,85 @@ def test_the_record_holds_no_secret_fields(store: Keystore) -> None:
     document = json.loads(store.record_path.read_text())
     assert set(document) == {"thing_name", "certificate_id", "endpoint", "port", "provisioned_at"}
     assert not any("token" in name.lower() for name in document)
+
+
+# --------------------------------------------------------------------------- renewal
+
+
+def provisioned_pair(store: Keystore) -> tuple[str, str]:
+    """A current set and a staged one; their certificate ids."""
+    old_key, new_key = ks.generate_key(), ks.generate_key()
+    old_pem, new_pem = self_signed(old_key), self_signed(new_key)
+    store.save_credentials(old_key, old_pem, record_for(old_pem))
+    store.stage(new_key, new_pem, record_for(new_pem))
+    return record_for(old_pem).certificate_id, record_for(new_pem).certificate_id
+
+
+def test_a_staged_set_sits_beside_the_current_one(store: Keystore, open_umask: None) -> None:
+    old, new = provisioned_pair(store)
+    current, staged = store.provisioned(), store.staged()
+    assert current is not None and current.record.certificate_id == old
+    assert staged is not None and staged.record.certificate_id == new
+    assert mode(store.staged_path(store.key_path)) == 0o600
+    assert staged.key_path.name == "device.key.next"
+
+
+def test_commit_switches_and_discard_forgets(store: Keystore) -> None:
+    old, new = provisioned_pair(store)
+    store.discard_staged()
+    assert store.staged() is None
+    assert store.provisioned().record.certificate_id == old  # type: ignore[union-attr]
+    assert not list(store.root.glob("*.next"))
+
+    old, new = provisioned_pair(store)
+    assert store.commit_staged().record.certificate_id == new
+    assert store.staged() is None
+    assert not list(store.root.glob("*.next")) and not (store.root / ks.COMMIT_MARKER).exists()
+    assert mode(store.key_path) == 0o600
+    with pytest.raises(KeystoreError, match="no complete renewed credentials"):
+        store.commit_staged()
+
+
+def test_an_incomplete_staging_is_dropped_on_start(store: Keystore) -> None:
+    """Crash while staging: key and certificate written, the record (the marker) not."""
+    old, _ = provisioned_pair(store)
+    store.staged_path(store.record_path).unlink()
+    store.ensure()
+    assert not list(store.root.glob("*.next"))
+    assert store.provisioned().record.certificate_id == old  # type: ignore[union-attr]
+
+
+def test_a_complete_unproven_staging_survives_a_restart(store: Keystore) -> None:
+    """Crash after staging, before the switch: the broker may already have seen the new
+    certificate, so the set is kept for the agent to try first."""
+    old, new = provisioned_pair(store)
+    store.ensure()
+    assert store.staged().record.certificate_id == new  # type: ignore[union-attr]
+    assert store.provisioned().record.certificate_id == old  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("moved", [0, 1, 2, 3])
+def test_a_switch_interrupted_after_any_rename_is_finished_on_start(
+    store: Keystore, moved: int
+) -> None:
+    _, new = provisioned_pair(store)
+    ks.write_atomic(store.root / ks.COMMIT_MARKER, b"", 0o600)
+    for path in (store.key_path, store.cert_path, store.record_path)[:moved]:
+        os.replace(store.staged_path(path), path)
+    store.ensure()
+    provisioned = store.provisioned()
+    assert provisioned is not None and provisioned.record.certificate_id == new
+    assert not list(store.root.glob("*.next")) and not (store.root / ks.COMMIT_MARKER).exists()
+
+
+def test_a_damaged_staging_is_discarded(store: Keystore) -> None:
+    old, _ = provisioned_pair(store)
+    store.staged_path(store.cert_path).write_text("not a certificate")
+    assert store.staged() is None
+    assert not list(store.root.glob("*.next"))
+    assert store.provisioned().record.certificate_id == old  # type: ignore[union-attr]
+
+    provisioned_pair(store)
+    other = self_signed(ks.generate_key())  # a certificate for another key
+    store.staged_path(store.cert_path).write_text(other)
+    assert store.staged() is None
