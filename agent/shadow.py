@@ -3,7 +3,8 @@
 - `merge`: AWS's update merge, applied locally to keep the device's view of ``reported``.
 - `compose`: one update equivalent to two in a row (None when MQTT cannot express it in one),
   which is what lets reports made while offline go out as a single update on reconnect.
-- `ReportQueue`: the outgoing reports, composed as far as the merge rules allow.
+- `ReportQueue`: the outgoing reports, composed as far as the merge rules allow, optionally
+  bounded in bytes (`ReportQueueFull`).
 - `ShadowTracker`: the versions seen (stale messages dropped, as the API asks clients to do),
   the desired keys already handed to the handlers, and the requests and reports to send.
 
@@ -28,6 +29,20 @@ CLIENT_TOKEN_BYTES: Final = 64
 
 class ShadowProtocolError(ValueError):
     """A reply from the service that is not a Device Shadow document."""
+
+
+class ReportQueueFull(Exception):
+    """A report refused because the queue would then encode to more than its byte limit.
+    The queue is unchanged: nothing accepted before is lost."""
+
+    def __init__(self, size: int, limit: int, shadow: str | None = None) -> None:
+        self.size, self.limit, self.shadow = size, limit, shadow
+        where = f" for shadow {shadow}" if shadow else ""
+        super().__init__(
+            f"report queue{where} would hold {size} bytes, over the limit of {limit}; "
+            "the broker is unreachable or the reports are too large — "
+            "the queued reports are kept, this one is not"
+        )
 
 
 # ----------------------------------------------------------------------------- values
@@ -131,6 +146,10 @@ def new_client_token(prefix: str = "fa") -> str:
 # ------------------------------------------------------------------------ report queue
 
 
+def _encode(patches: list[Document]) -> bytes:
+    return json.dumps({"format": 1, "patches": patches}, separators=(",", ":")).encode()
+
+
 @dataclass
 class ReportQueue:
     """Reports not yet accepted by the service, oldest first, composed where possible.
@@ -146,15 +165,26 @@ class ReportQueue:
     def __bool__(self) -> bool:
         return bool(self.patches)
 
-    def add(self, patch: Mapping[str, Any]) -> None:
+    def add(self, patch: Mapping[str, Any], max_bytes: int | None = None) -> None:
+        """Queue ``patch``. With ``max_bytes``: raise ReportQueueFull, leaving the queue as it
+        was, if it would then encode to more than that (a queue already over the limit, say
+        loaded from disk, keeps everything and takes only reports that bring it under)."""
         if not patch:
             return
+        patches = self._with(copy.deepcopy(dict(patch)))
+        if max_bytes is not None:
+            size = len(_encode(patches))
+            if size > max_bytes:
+                raise ReportQueueFull(size, max_bytes)
+        self.patches[:] = patches
+
+    def _with(self, patch: Document) -> list[Document]:
+        """The patches after adding ``patch``; ``self`` is not modified (compose copies)."""
         if self.patches and not (self.head_sealed and len(self.patches) == 1):
-            composed = compose(self.patches[-1], copy.deepcopy(dict(patch)))
+            composed = compose(self.patches[-1], patch)
             if composed is not None:
-                self.patches[-1] = composed
-                return
-        self.patches.append(copy.deepcopy(dict(patch)))
+                return [*self.patches[:-1], composed]
+        return [*self.patches, patch]
 
     def head(self) -> Document | None:
         return self.patches[0] if self.patches else None
@@ -165,7 +195,11 @@ class ReportQueue:
         self.head_sealed = False
 
     def encode(self) -> bytes:
-        return json.dumps({"format": 1, "patches": self.patches}, separators=(",", ":")).encode()
+        return _encode(self.patches)
+
+    def size(self) -> int:
+        """Bytes on disk: what the limit of `add` counts."""
+        return len(self.encode())
 
     @classmethod
     def decode(cls, data: bytes) -> ReportQueue:

@@ -11,13 +11,19 @@ version seen (optimistic locking); a 409 is answered by a get (which also applie
 desired state) and the same report is sent again: a report is never dropped for a conflict.
 Only a permanent rejection (400, 403, 413, ...) removes it, into a ``.rejected`` file beside
 the queue for the operator.
+
+Both files are bounded: the queue refuses a report that would take it over ``max_queue_bytes``
+(`ReportQueueFull`; what is queued stays), and the rejected file is rotated to ``.1`` before it
+would pass ``max_rejected_bytes``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,6 +38,7 @@ from agent.shadow import (
     Document,
     Rejection,
     ReportQueue,
+    ReportQueueFull,
     ShadowProtocolError,
     ShadowTracker,
     merge,
@@ -40,6 +47,11 @@ from agent.shadow import (
 )
 
 log = logging.getLogger("fleet.agent.shadow")
+
+#: Default bound of one shadow's queue of outgoing reports (encoded bytes).
+MAX_QUEUE_BYTES = 64 * 1024
+#: Default bound of one shadow's ``.rejected.jsonl`` before it is rotated to ``.1``.
+MAX_REJECTED_BYTES = 1024 * 1024
 
 
 class ShadowRejected(Exception):
@@ -81,12 +93,17 @@ def shadow_label(shadow: str | None) -> str:
 class FileQueueStore:
     """``<state>/shadows/<classic|named-N>.pending.json``, replaced atomically on every change.
 
-    A damaged file is renamed aside (``.damaged``), never silently overwritten."""
+    A damaged file is renamed aside (``.damaged``), never silently overwritten. Rejected
+    reports go to ``<label>.rejected.jsonl`` (0600), rotated to ``.rejected.jsonl.1`` (the
+    older ``.1`` replaced) before an append would take it past ``max_rejected_bytes``."""
 
-    def __init__(self, folder: Path, shadow: str | None) -> None:
+    def __init__(
+        self, folder: Path, shadow: str | None, *, max_rejected_bytes: int = MAX_REJECTED_BYTES
+    ) -> None:
         self.folder = folder
         self.path = folder / f"{shadow_label(shadow)}.pending.json"
         self.rejected_path = folder / f"{shadow_label(shadow)}.rejected.jsonl"
+        self.max_rejected_bytes = max_rejected_bytes
 
     def load(self) -> ReportQueue:
         try:
@@ -110,10 +127,32 @@ class FileQueueStore:
 
     def park(self, patch: Document, rejection: Rejection) -> None:
         self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        line = {"rejected": {"code": rejection.code, "message": rejection.message}, "patch": patch}
-        with open(self.rejected_path, "a", encoding="utf-8") as stream:
-            stream.write(json.dumps(line, separators=(",", ":")) + "\n")
-            stream.flush()
+        record = {
+            "rejected": {"code": rejection.code, "message": rejection.message},
+            "patch": patch,
+        }
+        line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
+        self._rotate_for(len(line))
+        fd = os.open(self.rejected_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            with contextlib.suppress(PermissionError):  # not ours: appending is what matters
+                os.fchmod(fd, 0o600)  # older versions created it 0644
+            os.write(fd, line)
+            os.fsync(fd)  # the report leaves the queue next: it must be here for good first
+        finally:
+            os.close(fd)
+
+    def _rotate_for(self, incoming: int) -> None:
+        """Move the rejected file to ``.1`` if ``incoming`` more bytes would take it over the
+        bound (a single line over the bound still goes in, into a file of its own)."""
+        try:
+            size = self.rejected_path.stat().st_size
+        except FileNotFoundError:
+            return
+        if size and size + incoming > self.max_rejected_bytes:
+            os.replace(
+                self.rejected_path, self.rejected_path.with_name(self.rejected_path.name + ".1")
+            )
 
 
 # --------------------------------------------------------------------------- the sync
@@ -132,7 +171,10 @@ class ShadowSync:
         timeout: float = 10.0,
         retry: RetryPolicy | None = None,
         store_in_executor: bool = True,
+        max_queue_bytes: int = MAX_QUEUE_BYTES,
     ) -> None:
+        if max_queue_bytes < 1:
+            raise ValueError(f"max_queue_bytes must be positive, not {max_queue_bytes}")
         self.thing = thing
         self.shadow = shadow
         self.handlers = handlers
@@ -141,6 +183,7 @@ class ShadowSync:
         self.retry = retry or RetryPolicy(max_attempts=1_000_000, base_delay=0.5, max_delay=30.0)
         self.tracker = ShadowTracker()
         self.queue = store.load()
+        self.max_queue_bytes = max_queue_bytes
         self.last_sync: float | None = None  # wall clock of the last get or accepted report
         self.reached: Document = {}  # everything this agent reported, merged: re-sent on delete
         self.rejections: list[Rejection] = []  # permanent rejections of reports, oldest first
@@ -152,6 +195,15 @@ class ShadowSync:
         self._unhandled_logged: set[str] = set()
         if not self.queue:
             self._drained.set()
+        elif (size := self.queue.size()) > max_queue_bytes:
+            # Kept whole (the limit was lowered, say): new reports wait until it is sent.
+            log.warning(
+                "shadow %s: the report queue holds %d bytes, over the limit of %d; "
+                "new reports are refused until it is sent",
+                self.name,
+                size,
+                max_queue_bytes,
+            )
 
     @property
     def name(self) -> str:
@@ -210,11 +262,17 @@ class ShadowSync:
 
     async def report(self, patch: Mapping[str, Any]) -> bool:
         """Queue ``patch`` for ``reported`` (durably) and wake the sender. False if it would
-        change nothing the service will hold."""
+        change nothing the service will hold.
+
+        Raises ReportQueueFull, queue unchanged, if the queue would outgrow
+        ``max_queue_bytes``: the caller keeps the report or reports again later."""
         changes = self.tracker.report_changes(patch, self.queue)
         if not changes:
             return False
-        self.queue.add(changes)
+        try:
+            self.queue.add(changes, self.max_queue_bytes)
+        except ReportQueueFull as exc:
+            raise ReportQueueFull(exc.size, exc.limit, self.name) from None
         self._drained.clear()
         await self._save()
         self._wake.set()
@@ -298,7 +356,14 @@ class ShadowSync:
                 ", ".join(sorted(new)),
             )
         if applied.reported:
-            await self.report(applied.reported)
+            try:
+                await self.report(applied.reported)
+            except ReportQueueFull as exc:
+                # Not lost: the handlers run again (as after a failure) once there is room.
+                self.tracker.forget_attempts(fresh)
+                log.warning("shadow %s: handlers' report not queued: %s", self.name, exc)
+                if self.queue:
+                    self._wake.set()  # serve sends the queue first, then re-runs them
 
     async def _flush(self) -> None:
         failures = 0
@@ -391,6 +456,7 @@ class ShadowSync:
         self.tracker.attempted.clear()
         if self.reached:
             # Someone deleted the shadow: the device still is what it reported; say so again.
+            # Unbounded on purpose: this is state already accepted once, not a new report.
             self.queue.add(self.reached)
             self._drained.clear()
             self._wake.set()

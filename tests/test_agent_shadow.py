@@ -17,6 +17,7 @@ from agent.shadow import (
     CLIENT_TOKEN_BYTES,
     Rejection,
     ReportQueue,
+    ReportQueueFull,
     ShadowProtocolError,
     ShadowTracker,
     changes,
@@ -421,6 +422,123 @@ def test_queue_encode_decode_round_trip() -> None:
     assert not restored.head_sealed
     assert json.loads(queue.encode())["format"] == 1
     assert ReportQueue.decode(ReportQueue().encode()).patches == []
+
+
+def test_queue_size_is_the_encoded_size() -> None:
+    queue = ReportQueue()
+    queue.add({"t": "é" * 10})
+    assert queue.size() == len(queue.encode())
+
+
+def test_queue_bound_refuses_a_report_and_keeps_the_queue() -> None:
+    """A report that would take the queue over the limit is refused; nothing queued changes."""
+    queue = ReportQueue()
+    queue.add({"a": "x" * 50}, max_bytes=100)
+    before = queue.encode()
+    with pytest.raises(ReportQueueFull) as refused:
+        queue.add({"b": "y" * 50}, max_bytes=100)
+    assert queue.encode() == before
+    assert refused.value.limit == 100
+    assert refused.value.size > 100
+    assert refused.value.size == len(
+        ReportQueue([{"a": "x" * 50, "b": "y" * 50}]).encode()
+    )  # the size the queue would have had
+
+
+def test_queue_bound_is_inclusive() -> None:
+    """A queue of exactly the limit is accepted."""
+    probe = ReportQueue()
+    probe.add({"a": 1, "b": 2})
+    queue = ReportQueue()
+    queue.add({"a": 1})
+    queue.add({"b": 2}, max_bytes=probe.size())
+    assert queue.patches == [{"a": 1, "b": 2}]
+    with pytest.raises(ReportQueueFull):
+        queue.add({"c": 3}, max_bytes=probe.size())
+
+
+def test_queue_bound_counts_the_composed_result() -> None:
+    """At the limit, a report that only replaces a value of the same size still fits."""
+    queue = ReportQueue()
+    queue.add({"temp": 20, "note": "a" * 40})
+    limit = queue.size()
+    queue.add({"temp": 21}, max_bytes=limit)
+    assert queue.patches == [{"temp": 21, "note": "a" * 40}]
+
+
+def test_queue_bound_refusal_with_sealed_head_keeps_both_patches() -> None:
+    queue = ReportQueue()
+    queue.add({"a": 1})
+    queue.head_sealed = True
+    queue.add({"a": 2})
+    before = copy.deepcopy(queue.patches)
+    with pytest.raises(ReportQueueFull):
+        queue.add({"big": "z" * 200}, max_bytes=queue.size() + 10)
+    assert queue.patches == before
+    assert queue.head_sealed
+
+
+def test_queue_bound_refused_patch_is_not_shared() -> None:
+    """A refused report leaves no trace, and a later one is unaffected by it."""
+    queue = ReportQueue()
+    queue.add({"n": {"x": 1}})
+    with pytest.raises(ReportQueueFull):
+        queue.add({"n": {"y": "v" * 100}}, max_bytes=60)
+    assert queue.patches == [{"n": {"x": 1}}]
+    queue.add({"n": {"z": 2}}, max_bytes=60)
+    assert queue.patches == [{"n": {"x": 1, "z": 2}}]
+
+
+def test_queue_over_the_limit_keeps_everything_and_takes_only_what_fits() -> None:
+    """A queue already over the limit (loaded from disk after the limit was lowered) loses
+    nothing; a report is accepted only if the queue then fits."""
+    queue = ReportQueue([{"log": "l" * 200}])
+    with pytest.raises(ReportQueueFull):
+        queue.add({"x": 1}, max_bytes=100)
+    assert queue.patches == [{"log": "l" * 200}]
+    queue.add({"log": "short"}, max_bytes=100)  # replaces the big value: now it fits
+    assert queue.patches == [{"log": "short"}]
+
+
+def test_queue_without_a_limit_is_unbounded() -> None:
+    queue = ReportQueue()
+    queue.add({"a": "x" * 100_000})
+    assert queue.size() > 100_000
+
+
+def test_queue_full_message_names_size_limit_shadow_and_what_is_kept() -> None:
+    message = str(ReportQueueFull(70_000, 65_536, "lights"))
+    assert "shadow lights" in message
+    assert "70000 bytes" in message
+    assert "65536" in message
+    assert "kept" in message
+    assert "\n" not in message
+    assert "shadow" not in str(ReportQueueFull(2, 1)).split(";")[0]
+
+
+def test_queue_bound_property_random() -> None:
+    """Random reports under a random limit: the queue never grows past the limit by an
+    accepted report, a refused report changes nothing, and the queue always equals the
+    accepted reports applied in order."""
+    rng = random.Random(7)
+    for _ in range(300):
+        base = random_document(rng)
+        limit = rng.randint(20, 400)
+        queue = ReportQueue()
+        accepted = base
+        for _step in range(rng.randint(1, 10)):
+            report = random_patch(rng)
+            before = queue.encode()
+            try:
+                queue.add(report, max_bytes=limit)
+            except ReportQueueFull as exc:
+                assert exc.size > limit
+                assert queue.encode() == before
+                continue
+            if report:
+                assert queue.size() <= limit
+            accepted = merge(accepted, report)
+        assert canon(apply_all(base, queue.patches)) == canon(accepted)
 
 
 @pytest.mark.parametrize(

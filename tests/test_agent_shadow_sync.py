@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -19,7 +20,15 @@ import pytest
 from agent import wire
 from agent.handlers import DesiredChange, HandlerSet
 from agent.session import Session, connect
-from agent.shadow_sync import FileQueueStore, MemoryQueueStore, QueueStore, ShadowSync
+from agent.shadow import Rejection, ReportQueue
+from agent.shadow_sync import (
+    MAX_QUEUE_BYTES,
+    FileQueueStore,
+    MemoryQueueStore,
+    QueueStore,
+    ReportQueueFull,
+    ShadowSync,
+)
 from tests.fleet import Client, Fleet, make_workdir, running_fleet
 
 
@@ -92,9 +101,17 @@ async def syncing(
     body: Callable[[ShadowSync], Awaitable[None]],
     store: QueueStore | None = None,
     session: Session | None = None,
+    max_queue_bytes: int = MAX_QUEUE_BYTES,
 ) -> ShadowSync:
     """Run ``body`` while a ShadowSync serves ``thing`` over a fresh device session."""
-    sync = ShadowSync(thing, None, handlers, store or MemoryQueueStore(), timeout=5)
+    sync = ShadowSync(
+        thing,
+        None,
+        handlers,
+        store or MemoryQueueStore(),
+        timeout=5,
+        max_queue_bytes=max_queue_bytes,
+    )
     session = session or await device_session(fleet, thing)
     sync.attach(session)
     await session.subscribe(*sync.subscriptions())
@@ -296,6 +313,148 @@ def test_a_damaged_queue_file_is_moved_aside_not_lost(tmp_path: Path) -> None:
     store = FileQueueStore(folder, None)
     assert not store.load()
     assert (folder / "classic.pending.damaged").read_text() == "{not json"
+
+
+def filled_store(patches: list[dict[str, Any]]) -> MemoryQueueStore:
+    """A store holding ``patches``, as if reported while offline before a restart."""
+    store = MemoryQueueStore()
+    store.saved = ReportQueue(patches)
+    return store
+
+
+def test_a_report_over_the_queue_limit_is_refused_and_the_queue_kept() -> None:
+    store = MemoryQueueStore()
+    sync = ShadowSync("t", None, HandlerSet(), store, max_queue_bytes=200)
+
+    async def main() -> None:
+        assert await sync.report({"a": "x" * 100})
+        with pytest.raises(ReportQueueFull) as refused:
+            await sync.report({"b": "y" * 100})
+        assert "shadow classic" in str(refused.value)
+        assert refused.value.limit == 200
+        assert await sync.report({"c": 1})  # a report that fits still goes in
+
+    asyncio.run(main())
+    assert sync.queue.patches == [{"a": "x" * 100, "c": 1}]
+    assert store.saved.patches == sync.queue.patches
+
+
+def test_a_report_too_large_alone_leaves_an_empty_queue_drained() -> None:
+    sync = ShadowSync("t", "lights", HandlerSet(), MemoryQueueStore(), max_queue_bytes=50)
+
+    async def main() -> None:
+        with pytest.raises(ReportQueueFull, match="shadow lights"):
+            await sync.report({"blob": "x" * 100})
+        assert await sync.wait_sent(0.1)  # nothing waits to be sent
+
+    asyncio.run(main())
+    assert not sync.queue
+
+
+def test_a_queue_limit_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="max_queue_bytes"):
+        ShadowSync("t", None, HandlerSet(), MemoryQueueStore(), max_queue_bytes=0)
+
+
+def test_a_queue_file_over_the_limit_is_kept_whole_and_refuses_reports(tmp_path: Path) -> None:
+    """The limit was lowered under what is on disk: nothing is dropped; reports wait."""
+    folder = tmp_path / "shadows"
+    store = FileQueueStore(folder, None)
+    store.save(ReportQueue([{"log": "l" * 500}, {"k": {"x": 1}}]))
+    on_disk = store.path.read_bytes()
+    sync = ShadowSync("t", None, HandlerSet(), FileQueueStore(folder, None), max_queue_bytes=100)
+    assert sync.queue.encode() == on_disk
+
+    async def main() -> None:
+        with pytest.raises(ReportQueueFull):
+            await sync.report({"boot": 1})
+
+    asyncio.run(main())
+    assert store.path.read_bytes() == on_disk
+    assert not asyncio.run(sync.wait_sent(0.01))  # still to be sent
+
+
+def test_the_rejected_file_is_rotated_before_it_passes_its_bound(tmp_path: Path) -> None:
+    store = FileQueueStore(tmp_path / "shadows", None, max_rejected_bytes=300)
+    rotated = store.rejected_path.with_name("classic.rejected.jsonl.1")
+    for n in range(12):
+        store.park({"n": n, "pad": "p" * 40}, Rejection(400, "bad", None))
+        assert store.rejected_path.stat().st_size <= 300
+    current = [
+        json.loads(line)["patch"]["n"] for line in store.rejected_path.read_text().splitlines()
+    ]
+    older = [json.loads(line)["patch"]["n"] for line in rotated.read_text().splitlines()]
+    assert older + current == list(range(older[0], 12))  # newest kept, in order, no gaps
+    assert rotated.stat().st_size <= 300
+    assert older[0] > 0  # rotated more than once: the older .1 was replaced
+    assert json.loads(store.rejected_path.read_text().splitlines()[-1])["rejected"] == {
+        "code": 400,
+        "message": "bad",
+    }
+
+
+def test_a_rejected_report_over_the_bound_alone_gets_a_file_of_its_own(tmp_path: Path) -> None:
+    store = FileQueueStore(tmp_path / "shadows", None, max_rejected_bytes=100)
+    store.park({"small": 1}, Rejection(400, "bad", None))
+    store.park({"blob": "x" * 500}, Rejection(413, "too large", None))
+    rotated = store.rejected_path.with_name("classic.rejected.jsonl.1")
+    assert json.loads(rotated.read_text())["patch"] == {"small": 1}
+    assert json.loads(store.rejected_path.read_text())["patch"] == {"blob": "x" * 500}
+
+
+def test_the_rejected_files_are_private(tmp_path: Path) -> None:
+    folder = tmp_path / "shadows"
+    folder.mkdir()
+    store = FileQueueStore(folder, "lights", max_rejected_bytes=100)
+    store.rejected_path.write_text("")  # as an older version left it
+    store.rejected_path.chmod(0o644)
+    old_umask = os.umask(0)
+    try:
+        store.park({"a": 1}, Rejection(400, "bad", None))
+        store.park({"b": "x" * 100}, Rejection(400, "bad", None))  # rotates
+    finally:
+        os.umask(old_umask)
+    assert store.rejected_path.name == "named-lights.rejected.jsonl"
+    for path in (
+        store.rejected_path,
+        store.rejected_path.with_name(store.rejected_path.name + ".1"),
+    ):
+        assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_queue_over_the_limit_is_sent_on_connect_then_reports_flow(fleet: Fleet) -> None:
+    store = filled_store([{"log": "l" * 400}])
+
+    async def body(sync: ShadowSync) -> None:
+        assert await sync.wait_sent(5)
+        assert await sync.report({"boot": 1})
+        assert await sync.wait_sent(5)
+
+    asyncio.run(syncing(fleet, "sync-full", HandlerSet(), body, store, max_queue_bytes=100))
+    assert state_of(fleet, "sync-full", "reported") == {"log": "l" * 400, "boot": 1}
+
+
+def test_handlers_refused_by_a_full_queue_run_again_once_it_is_sent(
+    fleet: Fleet, operator: Client
+) -> None:
+    """What the handlers reached is not lost to a full queue: they run again after it."""
+    calls: list[DesiredChange] = []
+    fleet.device("sync-full-led")
+    desire(operator, "sync-full-led", {"led": "green"})
+    store = filled_store([{"log": "l" * 250}])
+    limit = store.saved.size() + 5  # room for nothing more
+
+    async def body(sync: ShadowSync) -> None:
+        await eventually(
+            lambda: (
+                state_of(fleet, "sync-full-led", "reported") == {"log": "l" * 250, "led": "green"}
+            )
+        )
+
+    asyncio.run(
+        syncing(fleet, "sync-full-led", led_handlers(calls), body, store, max_queue_bytes=limit)
+    )
+    assert [c.delta for c in calls] == [{"led": "green"}, {"led": "green"}]
 
 
 def test_named_shadow_sync_is_separate(fleet: Fleet, operator: Client) -> None:
