@@ -116,8 +116,9 @@ PROPERTY_CONNECTION: Final = "fleet-connection"
 #: Plugin control topic (Mosquitto ``$CONTROL/<feature>/<version>``); service identity only.
 CONTROL_TOPIC: Final = "$CONTROL/fleet/v1"
 #: The plugin tells the services, stamped with the connection's identity, that a device has
-#: connected with a renewal certificate (its predecessor can now be retired).
-RENEWAL_CONNECTED_TOPIC: Final = "$fleet/v1/events/renewal-connected"
+#: connected with a newly registered certificate for the first time (it is in use now; the
+#: certificate a renewal replaces can be retired).
+FIRST_CONNECT_TOPIC: Final = "$fleet/v1/events/first-connect"
 
 
 # ---------------------------------------------------------------------- parsing & codecs

@@ -64,7 +64,7 @@ def rules() -> Iterator[Rule]:
     yield Rule("service", "subscribe", "$SYS/#")
     yield Rule("service", "receive", "$SYS/#")
     yield Rule("service", "publish", wire.CONTROL_TOPIC)
-    yield Rule("service", "receive", wire.RENEWAL_CONNECTED_TOPIC)
+    yield Rule("service", "receive", wire.FIRST_CONNECT_TOPIC)
 
 
 def request_filters() -> tuple[str, ...]:

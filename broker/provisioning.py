@@ -250,6 +250,7 @@ class ProvisioningService:
         attributes: Mapping[str, str] | None = dict(plan.thing.attributes)
         groups: list[str] | None = list(plan.thing.thing_groups)
         thing_type = plan.thing.thing_type
+        orphans: list[str] = []
         if existing is not None:
             active = [
                 c
@@ -258,8 +259,13 @@ class ProvisioningService:
             ]
             # A shared claim certificate must not let one device take over another's thing:
             # only that thing's own identity (renewal) may add a certificate to a live thing.
+            # Certificates that never connected are no one's yet (an onboarding that died
+            # before the device stored them): the same serial may register again, and those
+            # are retired.
             if active and caller.thing != name:
-                raise conflict(f"Thing {name} already exists with an active certificate.")
+                if not all(c.awaiting_first_connect for c in active):
+                    raise conflict(f"Thing {name} already exists with an active certificate.")
+                orphans = [c.id for c in active]
             attributes, groups, thing_type = self._apply_overrides(plan, existing)
         # The thing's own device asking with its current certificate: a renewal.
         renews = (
@@ -279,6 +285,7 @@ class ProvisioningService:
             thing_groups=groups,
             thing_type=thing_type,
             renews=renews,
+            supersedes=orphans,
             policies=[
                 (p.name or p.logical_id, json.dumps(p.document) if p.document else None)
                 for p in plan.policies

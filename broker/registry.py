@@ -61,7 +61,7 @@ CREATE TABLE IF NOT EXISTS certificates (
     updated_at REAL NOT NULL,
     revoked_at REAL,
     renewal_of TEXT,
-    retire_pending INTEGER NOT NULL DEFAULT 0
+    awaiting_first_connect INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS certificates_thing_name ON certificates(thing_name);
 CREATE TABLE IF NOT EXISTS ownership_tokens (
@@ -90,12 +90,12 @@ CREATE TABLE IF NOT EXISTS shadows (
 """
 
 THING_NAME = re.compile(r"[a-zA-Z0-9:_-]{1,128}")
-# Schema 1 -> 2: certificate renewal (the certificate a renewal replaces, and whether that one
-# still waits to be retired when the new one first connects).
+# Schema 1 -> 2: the certificate a renewal replaces, and whether a registered certificate has
+# connected yet (until it has, the device may not have it: a crash may have lost its key).
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: (
         "ALTER TABLE certificates ADD COLUMN renewal_of TEXT",
-        "ALTER TABLE certificates ADD COLUMN retire_pending INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE certificates ADD COLUMN awaiting_first_connect INTEGER NOT NULL DEFAULT 0",
     ),
 }
 
@@ -191,6 +191,9 @@ class Registration:
     #: A renewal: the certificate of the thing's own device that asked, retired (INACTIVE)
     #: once the new certificate first connects.
     renews: str | None = None
+    #: Certificates of the thing that never connected (an onboarding interrupted before the
+    #: device stored its credentials): made INACTIVE by this registration.
+    supersedes: Sequence[str] = ()
 
 
 @dataclass(frozen=True)
@@ -217,6 +220,7 @@ class CertificateRecord:
     created_at: dt.datetime
     revoked_at: dt.datetime | None
     renewal_of: str | None = None
+    awaiting_first_connect: bool = False
 
 
 def validate_thing_name(name: str) -> str:
@@ -327,7 +331,7 @@ class Registry(Protocol):
 
     def complete_registration(self, registration: Registration) -> Thing: ...
 
-    def retire_renewed(self, certificate_id: str) -> list[str]: ...
+    def certificate_connected(self, certificate_id: str) -> list[str]: ...
 
     def load_shadow(self, thing_name: str, shadow_name: str) -> StoredShadow | None: ...
 
@@ -347,7 +351,7 @@ class Registry(Protocol):
 
 _CERT_COLUMNS = (
     "id, pem, serial, role, status, thing_name, label, not_after, created_at, revoked_at,"
-    " renewal_of"
+    " renewal_of, awaiting_first_connect"
 )
 
 
@@ -384,6 +388,7 @@ def _certificate_record(row: sqlite3.Row) -> CertificateRecord:
         created_at=_utc(row["created_at"]),
         revoked_at=_datetime(row["revoked_at"]),
         renewal_of=row["renewal_of"],
+        awaiting_first_connect=bool(row["awaiting_first_connect"]),
     )
 
 
@@ -605,7 +610,7 @@ class SQLiteRegistry:
         try:
             db.execute(
                 f"INSERT INTO certificates ({_CERT_COLUMNS}, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.id,
                     record.pem,
@@ -618,6 +623,7 @@ class SQLiteRegistry:
                     now,
                     now if record.revoked_at else None,
                     None,
+                    0,
                     now,
                 ),
             )
@@ -887,24 +893,29 @@ class SQLiteRegistry:
             self._upsert_thing(db, r.thing_name, attrs, groups, r.thing_type, now)
             db.execute(
                 "UPDATE certificates SET thing_name = ?, status = ?, updated_at = ?,"
-                " renewal_of = ?, retire_pending = ? WHERE id = ?",
+                " renewal_of = ?, awaiting_first_connect = ? WHERE id = ?",
                 (
                     r.thing_name,
                     r.certificate_status.value,
                     now,
                     r.renews,
-                    1 if r.renews else 0,
+                    1,
                     r.certificate_id,
                 ),
+            )
+            db.executemany(
+                "UPDATE certificates SET status = 'INACTIVE', awaiting_first_connect = 0,"
+                " updated_at = ? WHERE id = ? AND awaiting_first_connect = 1",
+                [(now, orphan) for orphan in r.supersedes],
             )
             if r.renews:
                 # An earlier renewal of the same certificate that never connected (its key was
                 # lost in a crash, or a device asks again and again) is retired now: a thing
                 # has at most its current certificate and one renewal in waiting.
                 db.execute(
-                    "UPDATE certificates SET status = 'INACTIVE', retire_pending = 0,"
-                    " updated_at = ? WHERE renewal_of = ? AND retire_pending = 1 AND id != ?"
-                    " AND status = 'ACTIVE'",
+                    "UPDATE certificates SET status = 'INACTIVE', awaiting_first_connect = 0,"
+                    " updated_at = ? WHERE renewal_of = ? AND awaiting_first_connect = 1"
+                    " AND id != ? AND status = 'ACTIVE'",
                     (now, r.renews, r.certificate_id),
                 )
             db.executemany(
@@ -915,22 +926,24 @@ class SQLiteRegistry:
             row = db.execute("SELECT * FROM things WHERE name = ?", (r.thing_name,)).fetchone()
         return _thing(row)
 
-    def retire_renewed(self, certificate_id: str) -> list[str]:
-        """``certificate_id`` has connected: if it is a renewal still waiting, make the
-        certificate it renews INACTIVE and return that id (empty if nothing to do)."""
+    def certificate_connected(self, certificate_id: str) -> list[str]:
+        """``certificate_id`` has connected for the first time: from now on it counts as in
+        use; if it is a renewal, make the certificate it renews INACTIVE and return that id."""
         now = time.time()
         with self._transaction() as db:
             row = db.execute(
-                "SELECT renewal_of FROM certificates WHERE id = ? AND retire_pending = 1"
+                "SELECT renewal_of FROM certificates WHERE id = ? AND awaiting_first_connect = 1"
                 " AND status = 'ACTIVE'",
                 (certificate_id.lower(),),
             ).fetchone()
             if row is None:
                 return []
             db.execute(
-                "UPDATE certificates SET retire_pending = 0, updated_at = ? WHERE id = ?",
+                "UPDATE certificates SET awaiting_first_connect = 0, updated_at = ? WHERE id = ?",
                 (now, certificate_id.lower()),
             )
+            if row["renewal_of"] is None:
+                return []
             retired = db.execute(
                 "UPDATE certificates SET status = 'INACTIVE', updated_at = ?"
                 " WHERE id = ? AND status = 'ACTIVE'",

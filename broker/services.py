@@ -205,12 +205,12 @@ def install_provisioning(
     for topic_filter in wire.PROVISIONING_REQUEST_FILTERS:
         services.route(topic_filter, handle, may_block=True)
 
-    def renewal_connected(request: Request, responder: Responder) -> None:
+    def first_connect(request: Request, responder: Responder) -> None:
         # Only the plugin can send this (devices may not publish on $fleet/...): the stamp is
-        # the connection that has just proven the renewal certificate works.
+        # the connection that has just proven a newly registered certificate works.
         if request.sender.role != "device":
             return
-        retired = registry.retire_renewed(request.sender.certificate_id)
+        retired = registry.certificate_connected(request.sender.certificate_id)
         for old in retired:
             log.info(
                 "thing %s renewed its certificate: %s… retired (INACTIVE), %s… in use",
@@ -224,7 +224,7 @@ def install_provisioning(
                 wire.CONTROL_TOPIC, "\n".join(f"kick-certificate {c}" for c in retired).encode()
             )
 
-    services.route(wire.RENEWAL_CONNECTED_TOPIC, renewal_connected)
+    services.route(wire.FIRST_CONNECT_TOPIC, first_connect)
 
     def purge() -> None:
         removed = registry.purge_expired(dt.datetime.now(dt.timezone.utc))

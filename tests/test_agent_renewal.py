@@ -268,7 +268,7 @@ def test_only_the_plugin_can_announce_a_renewal(fleet: Fleet) -> None:
     current = Keystore(state).load_record().certificate_id
     device = fleet.client(Credentials(state / "device.pem", state / "device.key"), thing)
     assert device.accepted
-    info = device.publish(wire.RENEWAL_CONNECTED_TOPIC, b"")
+    info = device.publish(wire.FIRST_CONNECT_TOPIC, b"")
     code = device.puback(info)
     assert getattr(code, "is_failure", False), code  # not authorised
     time.sleep(0.5)

@@ -396,20 +396,20 @@ def test_a_network_cut_queues_reports_on_disk_and_delivers_them_after() -> None:
 
 
 def test_an_agent_killed_at_any_moment_of_onboarding_restarts_cleanly(fleet: Fleet) -> None:
-    """SIGKILL at staggered moments of the first start: the state folder is always either
-    unprovisioned or one consistent set of key, certificate and record."""
-    config = agent_config(fleet, None)
+    """SIGKILL at staggered moments of the first start, always the same serial (one shared
+    claim): the state folder is always either unprovisioned or one consistent set of key,
+    certificate and record, and a registration whose key died with the process does not
+    block the next start (its certificate never connected, so it is retired)."""
+    config = agent_config(fleet, "SN-KILL")
     state = config.parent / "state"
-    for attempt, delay in enumerate((0.3, 0.5, 0.7, 0.9, 1.1, 1.4)):
-        daemon = start_agent_daemon(
-            config, "--set", f"provisioning.parameters.SerialNumber=SN-KILL-{attempt}"
-        )
+    for delay in (0.3, 0.5, 0.7, 0.9, 1.1, 1.4):
+        daemon = start_agent_daemon(config)
         time.sleep(delay)
         daemon.kill()
         daemon.communicate(timeout=20)
         if state.exists():
             Keystore(state).provisioned()  # raises if the set is inconsistent
-    daemon = start_agent_daemon(config, "--set", "provisioning.parameters.SerialNumber=SN-KILL-9")
+    daemon = start_agent_daemon(config)
     try:
         wait_until(lambda: runtime_state(config) == "connected", what="running after the kills")
         thing = thing_of(config)

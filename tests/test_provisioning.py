@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -275,11 +276,46 @@ def test_pre_provisioning_hook_allows_and_denies(fleet: Fleet) -> None:
 
 
 def test_claim_cannot_take_over_an_existing_thing(fleet: Fleet) -> None:
-    onboard(fleet, "SN-OWNED")
+    owner, certificate, registered = onboard(fleet, "SN-OWNED")
+    creds = owner.save_credentials(certificate["certificatePem"], "owned")
+    thing = registered["thingName"]
+    assert fleet.client(creds, thing).accepted  # the device has its certificate in use
+    wait_for_status(fleet, certificate["certificateId"], awaiting_first_connect=False)
     attacker = Device.connect(fleet, "claim-attacker")
     token = attacker.create_certificate()["certificateOwnershipToken"]
     outcome, answer = attacker.register(token, SerialNumber="SN-OWNED")
     assert outcome == "rejected" and answer["errorCode"] == "ResourceConflictsException"
+
+
+def test_an_onboarding_that_died_before_connecting_can_be_redone(fleet: Fleet) -> None:
+    """The device got RegisterThing accepted, then lost power before storing its key: the
+    certificate never connected, so the same serial may register again (with a shared claim
+    that is the only way back), and the orphan is retired."""
+    _, lost, registered = onboard(fleet, "SN-REBORN")
+    again = Device.connect(fleet, "claim-SN-REBORN-after-reboot")
+    certificate = again.create_certificate()
+    outcome, second = again.register(
+        certificate["certificateOwnershipToken"], SerialNumber="SN-REBORN"
+    )
+    assert outcome == "accepted", second
+    assert second["thingName"] == registered["thingName"]
+    with fleet.registry() as registry:
+        orphan = registry.get_certificate(lost["certificateId"])
+        assert orphan is not None and orphan.status is CertificateStatus.INACTIVE
+    creds = again.save_credentials(certificate["certificatePem"], "reborn")
+    assert fleet.client(creds, second["thingName"]).accepted
+
+
+def wait_for_status(fleet: Fleet, certificate_id: str, *, awaiting_first_connect: bool) -> None:
+    deadline = time.monotonic() + 10
+    while True:
+        with fleet.registry() as registry:
+            record = registry.get_certificate(certificate_id)
+        assert record is not None
+        if record.awaiting_first_connect is awaiting_first_connect:
+            return
+        assert time.monotonic() < deadline, "the first connect was not recorded"
+        time.sleep(0.05)
 
 
 def test_create_keys_and_certificate_is_disabled_by_default(fleet: Fleet) -> None:

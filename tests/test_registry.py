@@ -29,7 +29,7 @@ from broker.registry import (
 
 UTC = dt.timezone.utc
 PLUGIN_CERT_QUERY = (
-    "SELECT status, role, thing_name, retire_pending FROM certificates WHERE id = ?1"
+    "SELECT status, role, thing_name, awaiting_first_connect FROM certificates WHERE id = ?1"
 )
 PLUGIN_THING_QUERY = "SELECT 1 FROM things WHERE name = ?1"
 
@@ -362,11 +362,11 @@ def test_renewal_retires_the_old_certificate_once_the_new_one_connects(
     assert status_of(registry, old) is CertificateStatus.ACTIVE
     assert status_of(registry, new) is CertificateStatus.ACTIVE
 
-    assert registry.retire_renewed(new) == [old]
+    assert registry.certificate_connected(new) == [old]
     assert status_of(registry, old) is CertificateStatus.INACTIVE
     assert status_of(registry, new) is CertificateStatus.ACTIVE
-    assert registry.retire_renewed(new) == []  # once only: later connects cost nothing
-    assert registry.retire_renewed(old) == []  # an ordinary certificate: nothing to retire
+    assert registry.certificate_connected(new) == []  # once only: later connects cost nothing
+    assert registry.certificate_connected(old) == []  # an ordinary certificate: nothing to retire
 
 
 def test_renewal_that_never_connected_is_retired_by_the_next_one(
@@ -380,8 +380,8 @@ def test_renewal_that_never_connected_is_retired_by_the_next_one(
         assert status_of(registry, cert_id) is CertificateStatus.INACTIVE
     assert status_of(registry, old) is CertificateStatus.ACTIVE
     assert status_of(registry, latest) is CertificateStatus.ACTIVE
-    assert registry.retire_renewed(abandoned[0]) == []  # inactive: cannot retire anything
-    assert registry.retire_renewed(latest) == [old]
+    assert registry.certificate_connected(abandoned[0]) == []  # inactive: cannot retire anything
+    assert registry.certificate_connected(latest) == [old]
 
 
 def test_renewal_does_not_retire_a_revoked_certificate_twice(
@@ -390,7 +390,7 @@ def test_renewal_does_not_retire_a_revoked_certificate_twice(
     old = register(registry, ca, "t1", renews=None)
     new = register(registry, ca, "t1", renews=old)
     registry.set_certificate_status(old, CertificateStatus.REVOKED)
-    assert registry.retire_renewed(new) == []
+    assert registry.certificate_connected(new) == []
     assert status_of(registry, old) is CertificateStatus.REVOKED  # never downgraded
 
 
@@ -398,7 +398,7 @@ def test_schema_1_is_migrated_in_place(tmp_path: Path, ca: CertificateAuthority)
     path = tmp_path / "registry.db"
     v1_schema = SCHEMA.replace(
         "    revoked_at REAL,\n    renewal_of TEXT,\n"
-        "    retire_pending INTEGER NOT NULL DEFAULT 0\n",
+        "    awaiting_first_connect INTEGER NOT NULL DEFAULT 0\n",
         "    revoked_at REAL\n",
     )
     assert "renewal_of" not in v1_schema

@@ -24,10 +24,11 @@
  * delivers the message to that connection only, and only if it is still the
  * same connection that asked.
  *
- * Renewal: when a device connects with a certificate that renews another one
- * (registry column retire_pending), the plugin tells the service, stamped with
- * that connection's identity, on EVENT_CONNECTED_TOPIC; the service then
- * retires the certificate it replaces. Only renewals cost a message.
+ * First connect: when a device connects with a certificate registered but not
+ * yet seen connected (registry column awaiting_first_connect), the plugin tells
+ * the service, stamped with that connection's identity, on
+ * EVENT_FIRST_CONNECT_TOPIC; the service then counts it as in use and, for a
+ * renewal, retires the certificate it replaces. One message per certificate.
  */
 #include <ctype.h>
 #include <stdbool.h>
@@ -49,7 +50,7 @@
 #define PROP_PREFIX "fleet-"
 #define SINK_TOPIC "$fleet/void"
 #define CONTROL_TOPIC "$CONTROL/fleet/v1"
-#define EVENT_CONNECTED_TOPIC "$fleet/v1/events/renewal-connected"
+#define EVENT_FIRST_CONNECT_TOPIC "$fleet/v1/events/first-connect"
 #define CERT_ID_LEN 64
 #define BUCKETS 16384
 
@@ -312,7 +313,7 @@ fail:
 struct cert_record {
 	bool found;
 	bool active;
-	bool retire_pending;
+	bool awaiting_first_connect;
 	enum role role;
 	char thing[129];
 };
@@ -331,7 +332,7 @@ static bool lookup_certificate(const char *cert_id, struct cert_record *rec)
 		rec->found = true;
 		rec->active = status && !strcmp(status, "ACTIVE");
 		rec->role = role ? (enum role)parse_roles(role) : ROLE_NONE;
-		rec->retire_pending = sqlite3_column_int(stmt_certificate, 3) != 0;
+		rec->awaiting_first_connect = sqlite3_column_int(stmt_certificate, 3) != 0;
 		if(thing && strlen(thing) < sizeof(rec->thing)) strcpy(rec->thing, thing);
 	}else if(rc != SQLITE_DONE){
 		mosquitto_log_printf(MOSQ_LOG_ERR, LOG_PREFIX "registry lookup failed: %s", sqlite3_errmsg(registry));
@@ -364,7 +365,7 @@ static int registry_open(void)
 		return MOSQ_ERR_INVAL;
 	}
 	sqlite3_busy_timeout(registry, 2000);
-	if(sqlite3_prepare_v2(registry, "SELECT status, role, thing_name, retire_pending FROM certificates WHERE id = ?1",
+	if(sqlite3_prepare_v2(registry, "SELECT status, role, thing_name, awaiting_first_connect FROM certificates WHERE id = ?1",
 				-1, &stmt_certificate, NULL) != SQLITE_OK
 			|| sqlite3_prepare_v2(registry, "SELECT 1 FROM things WHERE name = ?1",
 				-1, &stmt_thing, NULL) != SQLITE_OK){
@@ -377,7 +378,7 @@ static int registry_open(void)
 
 /* ------------------------------------------------------------ connections */
 
-static void notify_renewal_connected(const struct conn *c, const char *thing);
+static void notify_first_connect(const struct conn *c, const char *thing);
 
 static int refuse(const char *client_id, const char *cert_id, const char *why)
 {
@@ -482,7 +483,7 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
 	existing->serial = next_serial++;
 	existing->role = rec.role;
 	memcpy(existing->cert_id, cert_id, sizeof(cert_id));
-	if(rec.role == ROLE_DEVICE && rec.retire_pending) notify_renewal_connected(existing, rec.thing);
+	if(rec.role == ROLE_DEVICE && rec.awaiting_first_connect) notify_first_connect(existing, rec.thing);
 	return MOSQ_ERR_SUCCESS;
 }
 
@@ -671,8 +672,8 @@ static int add_sender(mosquitto_property **props, const struct conn *c, const ch
 	return rc;
 }
 
-/* Tell the service that a renewal certificate has connected (see the header). */
-static void notify_renewal_connected(const struct conn *c, const char *thing)
+/* Tell the service that a certificate has connected for the first time (see the header). */
+static void notify_first_connect(const struct conn *c, const char *thing)
 {
 	mosquitto_property *props = NULL;
 	if(!service_id) return;
@@ -681,12 +682,10 @@ static void notify_renewal_connected(const struct conn *c, const char *thing)
 		return;
 	}
 	/* Queued for the service's persistent session: delivered even if it is restarting. */
-	if(mosquitto_broker_publish(service_id, EVENT_CONNECTED_TOPIC, 0, NULL, 1, false, props)
+	if(mosquitto_broker_publish(service_id, EVENT_FIRST_CONNECT_TOPIC, 0, NULL, 1, false, props)
 			!= MOSQ_ERR_SUCCESS){
-		mosquitto_log_printf(MOSQ_LOG_ERR, LOG_PREFIX "cannot notify the service of renewal %.12s", c->cert_id);
-		return;
+		mosquitto_log_printf(MOSQ_LOG_ERR, LOG_PREFIX "cannot tell the service of the first connect of %.12s", c->cert_id);
 	}
-	mosquitto_log_printf(MOSQ_LOG_NOTICE, LOG_PREFIX "'%s' connected with renewal certificate %.12s", c->client_id, c->cert_id);
 }
 
 static int forward_request(struct mosquitto_evt_message *ed, const char *client_id, enum role role,
