@@ -25,12 +25,81 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--devices", type=int, default=20, help="fleet size (default 20)")
     demo.add_argument("--dir", type=Path, help="work folder (default: a new temp folder)")
     demo.add_argument("--port", type=int, help="broker port (default: a free one)")
+
+    run = sub.add_parser(
+        "run",
+        help="onboard and run a virtual fleet, measured (local broker side unless --endpoint)",
+        description="Each virtual device runs the agent's claim flow and shadow sync with its "
+        "own key and certificate. Options override the scenario file.",
+    )
+    run.add_argument("scenario", nargs="?", type=Path, help="a scenario TOML file")
+    run.add_argument("--devices", type=int, help="fleet size (default 100)")
+    run.add_argument("--rate", type=float, help="arrivals per second (default 50)")
+    run.add_argument("--ramp", choices=["constant", "linear"], help="arrival ramp shape")
+    run.add_argument("--ramp-seconds", type=float, help="linear ramp duration")
+    run.add_argument("--concurrency", type=int, help="onboardings in flight at most")
+    run.add_argument("--processes", type=int, help="simulator processes (0: automatic)")
+    run.add_argument("--devices-per-process", type=int, help="default 5000")
+    run.add_argument("--update-interval", type=float, help="seconds between shadow updates")
+    run.add_argument("--update-bytes", type=int, help="padding per shadow update")
+    run.add_argument("--hold", type=float, help="seconds connected after the last arrival")
+    run.add_argument("--churn", type=float, help="drops and reconnects per second")
+    run.add_argument("--storm-at", type=float, help="seconds into the hold: all drop and return")
+    run.add_argument("--claim", choices=["shared", "per-device"], help="claim certificates")
+    run.add_argument("--desired-rate", type=float, help="operator desired changes per second")
+    run.add_argument("--endpoint", help="an existing broker (default: start a local one)")
+    run.add_argument("--port", type=int, help="its port")
+    run.add_argument("--ca-file", type=Path)
+    run.add_argument("--claim-certificate", type=Path)
+    run.add_argument("--claim-key", type=Path)
+    run.add_argument("--timeout", type=float, help="seconds per connect and request")
+    run.add_argument("--out", type=Path, help="report folder (default fleet-sim-<time>)")
     return parser
+
+
+RUN_OPTIONS = (
+    *("devices", "rate", "ramp", "ramp_seconds", "concurrency", "processes"),
+    *("devices_per_process", "update_interval", "update_bytes", "hold", "churn", "storm_at"),
+    *("claim", "desired_rate", "endpoint", "port", "ca_file", "claim_certificate", "claim_key"),
+    "timeout",
+)
+
+
+def cmd_run(args: object, console: Console) -> int:
+    import time
+
+    from simulator.run import print_report, run_fleet
+    from simulator.scenario import ScenarioError, build
+
+    try:
+        scenario = build(args.scenario, {k: getattr(args, k) for k in RUN_OPTIONS})
+    except ScenarioError as exc:
+        for line in exc.problems:
+            print(f"fleet-sim: error: {line}", file=sys.stderr)
+        return 2
+    out = args.out or Path(f"fleet-sim-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        report = run_fleet(scenario, out, console)
+    except (BrokerError, ConfigError, PkiError, ConnectError) as exc:
+        print(f"fleet-sim: error: {exc}", file=sys.stderr)
+        return 1
+    print_report(report, console)
+    console.print(f"report: {out / 'report.json'}")
+    complete = report["devices"]["onboarded"] == scenario.devices
+    return 0 if complete and not report["interrupted"] else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console()
+    if args.command == "run":
+        try:
+            return cmd_run(args, console)
+        except KeyboardInterrupt:
+            return 130
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
     if not 2 <= args.devices <= 2000:
         print("fleet-sim: error: --devices must be between 2 and 2000", file=sys.stderr)
         return 2

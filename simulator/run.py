@@ -1,0 +1,403 @@
+"""``fleet-sim run``: a virtual fleet against the broker side, measured, with a report.
+
+The parent process starts the local broker side when no endpoint is given, starts the worker
+processes (simulator/worker.py), plays the operator (desired-state changes, reading the
+broker's ``$SYS`` figures) and the clock (hold, reconnect storm, stop), merges what the
+workers measure, shows it live, and at the end writes ``report.json``, ``rates.png`` and
+``latency.png`` to the output folder and prints a table. Ctrl-C stops the fleet gracefully and
+still writes the report.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import queue
+import random
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from agent import wire
+from broker import bootstrap
+from broker.config import load_config
+from broker.mqtt import connect as service_connect
+from broker.mqtt import disconnect as service_disconnect
+from broker.mqtt import tls_context as service_tls
+from broker.pki import PkiPaths
+from broker.stack import Stack
+from simulator.metrics import Recorder
+from simulator.plots import write_plots
+from simulator.scenario import Scenario
+from simulator.virtual_device import SENT_AT_KEY, Target
+from simulator.worker import WorkerPlan, worker_main
+
+SYS_TOPICS = {
+    "$SYS/broker/clients/connected": "broker_clients_connected",
+    "$SYS/broker/load/messages/received/1min": "broker_msgs_received_per_min",
+    "$SYS/broker/load/messages/sent/1min": "broker_msgs_sent_per_min",
+    "$SYS/broker/heap/current": "broker_heap_bytes",
+    "$SYS/broker/store/messages/count": "broker_stored_messages",
+}
+STEP_ORDER = (
+    "tcp_connect",
+    "tls_handshake",
+    "connack",
+    "suback",
+    "create_certificate",
+    "register_thing",
+    "onboarding",
+    "shadow_update",
+    "delta_delivery",
+    "reconnect",
+)
+
+
+@dataclass
+class FleetState:
+    """What the parent knows, merged from the workers."""
+
+    recorder: Recorder
+    connected: dict[int, int] = field(default_factory=dict)
+    onboarded: dict[int, int] = field(default_factory=dict)
+    failed: dict[int, int] = field(default_factory=dict)
+    rss_kb: dict[int, int] = field(default_factory=dict)
+    baseline_rss_kb: dict[int, int] = field(default_factory=dict)
+    cpu_s: dict[int, float] = field(default_factory=dict)
+    things: list[str] = field(default_factory=list)
+    finished: set[int] = field(default_factory=set)
+    fatal: dict[int, str] = field(default_factory=dict)
+    broker: dict[str, float] = field(default_factory=dict)
+    peak_connected: int = 0
+    _summary: dict[str, Any] = field(default_factory=dict)
+    _summary_at: float = 0.0
+
+    def live_summary(self) -> dict[str, Any]:
+        """The summary for the live display, at most once a second: it sorts every sample."""
+        now = time.monotonic()
+        if now - self._summary_at >= 1.0:
+            self._summary, self._summary_at = self.recorder.summary(), now
+        return self._summary
+
+    def absorb(self, message: dict[str, Any]) -> None:
+        worker = message["worker"]
+        if "fatal" in message:
+            self.fatal[worker] = message["fatal"]
+            self.finished.add(worker)
+            return
+        self.recorder.merge(message["metrics"])
+        self.connected[worker] = message["connected"]
+        self.onboarded[worker] = message["onboarded"]
+        self.failed[worker] = message["failed"]
+        self.rss_kb[worker] = message["max_rss_kb"]
+        self.baseline_rss_kb[worker] = message["baseline_rss_kb"]
+        self.cpu_s[worker] = message["cpu_s"]
+        self.things += message["things"]
+        if message["final"]:
+            self.finished.add(worker)
+        total = sum(self.connected.values())
+        self.peak_connected = max(self.peak_connected, total)
+        self.recorder.gauge("devices_connected", total)
+
+
+@contextmanager
+def broker_side(scenario: Scenario, folder: Path, console: Console) -> Iterator[dict[str, Any]]:
+    """The broker to use: the scenario's, or a local one started (and stopped) here."""
+    if scenario.endpoint is not None:
+        yield {
+            "endpoint": scenario.endpoint,
+            "port": scenario.port,
+            "ca_file": scenario.ca_file,
+            "claim": (scenario.claim_certificate, scenario.claim_key),
+            "pki": None,
+        }
+        return
+    workdir = folder / "broker"
+    workdir.mkdir(parents=True, exist_ok=True)
+    workdir.chmod(0o755)  # the broker's user must reach the PKI folder when we are root
+    pki = bootstrap.initialize(workdir / "certs")
+    config = load_config(pki.root, port=_free_port(), bind_address="127.0.0.1")
+    stack = Stack(config, with_services=True)
+    console.print(f"starting the local broker side on 127.0.0.1:{config.port} ({workdir})")
+    stack.start()
+    try:
+        yield {
+            "endpoint": "localhost",
+            "port": config.port,
+            "ca_file": pki.ca_cert,
+            "claim": (pki.claim_cert, pki.claim_key),
+            "pki": pki,
+            "services_client_id": config.services_client_id,
+        }
+    finally:
+        stack.stop()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Operator:
+    """The operator side: reads $SYS, changes desired state. Needs the service identity, so
+    only with the local broker side."""
+
+    def __init__(self, pki: PkiPaths, port: int, state: FleetState, lock: threading.Lock) -> None:
+        self.state = state
+        self.lock = lock
+        self.client = service_connect(
+            "127.0.0.1",
+            port,
+            context=service_tls(pki.ca_cert, pki.service_cert, pki.service_key),
+            client_id=f"fleet-sim-operator-{random.getrandbits(32):08x}",
+        )
+        self.client.on_message = self._on_message
+        for topic in SYS_TOPICS:
+            self.client.subscribe(topic, qos=0)
+        self.desired_sent = 0
+
+    def _on_message(self, _c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
+        name = SYS_TOPICS.get(message.topic)
+        try:
+            value = float(message.payload)
+        except ValueError:
+            return
+        if name:
+            with self.lock:
+                self.state.broker[name] = value
+                self.state.recorder.gauge(name, value)
+
+    def desire(self) -> None:
+        with self.lock:
+            things = self.state.things
+            thing = random.choice(things) if things else None
+        if thing is None:
+            return
+        document = {"state": {"desired": {"mode": random.choice(["eco", "boost", "off"])}}}
+        document["state"]["desired"][SENT_AT_KEY] = time.time()
+        self.client.publish(wire.shadow_topic(thing, "update"), json.dumps(document), qos=1)
+        self.desired_sent += 1
+
+    def close(self) -> None:
+        service_disconnect(self.client)
+
+
+def run_fleet(scenario: Scenario, output: Path, console: Console) -> dict[str, Any]:
+    output.mkdir(parents=True, exist_ok=True)
+    interrupted = False
+    with broker_side(scenario, output, console) as broker:
+        claim_files: list[tuple[Path, Path]] = [broker["claim"]]
+        if scenario.claim == "per-device":
+            console.print(f"issuing {scenario.devices} claim certificates …")
+            claim_files = bootstrap.issue_claims(
+                broker["pki"].root, name="fleet-sim", count=scenario.devices
+            )
+        target = Target(
+            broker["endpoint"],
+            broker["port"],
+            Path(broker["ca_file"]),
+            template=scenario.template,
+            timeout=scenario.timeout,
+        )
+        started = time.time() + 1.0  # every worker starts the same clock
+        state = FleetState(Recorder(started))
+        lock = threading.Lock()
+        operator = Operator(broker["pki"], broker["port"], state, lock) if broker["pki"] else None
+        context = multiprocessing.get_context("spawn")
+        out = context.Queue()
+        stop, storm = context.Event(), context.Event()
+        workers = scenario.worker_count
+        processes = [
+            context.Process(
+                target=worker_main,
+                args=(
+                    WorkerPlan(i, workers, scenario, target, started, tuple(claim_files)),
+                    out,
+                    stop,
+                    storm,
+                ),
+                name=f"fleet-sim-worker-{i}",
+            )
+            for i in range(workers)
+        ]
+        for process in processes:
+            process.start()
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            with Live(
+                _progress(scenario, state, "starting"), console=console, refresh_per_second=4
+            ) as live:
+                interrupted = _drive(
+                    scenario, state, lock, out, stop, storm, operator, live, processes
+                )
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            stop.set()
+            _collect_until_done(state, lock, out, processes)
+            for process in processes:
+                process.join(timeout=30)
+                if process.is_alive():
+                    process.kill()
+            if operator is not None:
+                operator.close()
+    report = _report(scenario, state, started, interrupted, operator, workers)
+    (output / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    report["plots"] = [str(p) for p in write_plots(state.recorder.timeline(), output, "fleet-sim")]
+    return report
+
+
+def _drive(scenario, state, lock, out, stop, storm, operator, live, processes) -> bool:
+    """The run's clock: onboarding, hold, storm, stop. True if interrupted."""
+    desired_every = 1 / scenario.desired_rate if scenario.desired_rate else None
+    next_desired = time.time() + (desired_every or 0)
+    hold_started: float | None = None
+    try:
+        while True:
+            _drain(state, lock, out, timeout=0.2)
+            now = time.time()
+            total = sum(state.onboarded.values()) + sum(state.failed.values())
+            if hold_started is None and (
+                total >= scenario.devices or len(state.finished) == len(processes)
+            ):
+                hold_started = now
+            phase = "onboarding" if hold_started is None else "holding"
+            if hold_started is not None:
+                if (
+                    scenario.storm_at is not None
+                    and not storm.is_set()
+                    and now >= hold_started + scenario.storm_at
+                ):
+                    storm.set()
+                if now >= hold_started + scenario.hold:
+                    return False
+            if operator is not None and desired_every and now >= next_desired:
+                operator.desire()
+                next_desired = now + desired_every
+            if any(not p.is_alive() for p in processes) and len(state.finished) < len(processes):
+                dead = [p.name for p in processes if not p.is_alive() and p.exitcode]
+                if dead:
+                    phase = f"worker(s) died: {', '.join(dead)}"
+            live.update(_progress(scenario, state, phase))
+    except KeyboardInterrupt:
+        return True
+
+
+def _drain(state: FleetState, lock: threading.Lock, out: Any, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            message = out.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            return
+        with lock:
+            state.absorb(message)
+
+
+def _collect_until_done(state, lock, out, processes) -> None:
+    deadline = time.monotonic() + 60
+    while len(state.finished) < len(processes) and time.monotonic() < deadline:
+        if all(not p.is_alive() for p in processes) and out.empty():
+            break
+        _drain(state, lock, out, timeout=0.2)
+
+
+def _progress(scenario: Scenario, state: FleetState, phase: str) -> Table:
+    table = Table(title=f"fleet-sim: {scenario.devices} devices, {phase}", show_header=False)
+    onboarded = sum(state.onboarded.values())
+    table.add_row("onboarded", f"{onboarded} / {scenario.devices}")
+    table.add_row("connected", str(sum(state.connected.values())))
+    table.add_row("failed", str(sum(state.failed.values())))
+    summary = state.live_summary()
+    steps = summary.get("steps", {})
+    for step in ("onboarding", "shadow_update", "reconnect"):
+        if step in steps:
+            s = steps[step]
+            table.add_row(
+                step, f"{s['count']} done, p50 {s['p50_ms']:.1f} ms, p99 {s['p99_ms']:.1f} ms"
+            )
+    table.add_row("errors", str(summary.get("errors_total", 0)))
+    return table
+
+
+def _report(scenario, state, started, interrupted, operator, workers) -> dict[str, Any]:
+    summary = state.recorder.summary()
+    onboarded = sum(state.onboarded.values())
+    grown_kb = sum(state.rss_kb.values()) - sum(state.baseline_rss_kb.values())
+    return {
+        "scenario": asdict(scenario),
+        "interrupted": interrupted,
+        "processes": workers,
+        "devices": {
+            "target": scenario.devices,
+            "onboarded": onboarded,
+            "failed": sum(state.failed.values()),
+            "peak_connected": state.peak_connected,
+        },
+        "steps": summary.get("steps", {}),
+        "errors": summary.get("errors", {}),
+        "errors_total": summary.get("errors_total", 0),
+        "broker": dict(state.broker),
+        "desired_changes_sent": operator.desired_sent if operator else 0,
+        "simulator": {
+            "max_rss_mb_per_process": {w: round(kb / 1024, 1) for w, kb in state.rss_kb.items()},
+            # Peak RSS beyond each process's start-up size, over the peak connected fleet.
+            "kb_per_connected_device": round(grown_kb / state.peak_connected, 1)
+            if state.peak_connected
+            else None,
+            "cpu_s": {w: round(s, 2) for w, s in state.cpu_s.items()},
+        },
+        "worker_errors": state.fatal,
+        "duration_s": round(time.time() - started, 2),
+    }
+
+
+def print_report(report: dict[str, Any], console: Console) -> None:
+    devices = report["devices"]
+    console.print(
+        f"[bold]{devices['onboarded']}/{devices['target']} devices onboarded[/], "
+        f"{devices['failed']} failed, peak {devices['peak_connected']} connected, "
+        f"{report['errors_total']} errors, {report['duration_s']} s"
+        + (" (interrupted)" if report["interrupted"] else "")
+    )
+    table = Table(title="steps (ms)")
+    for column in ("step", "count", "rate/s", "p50", "p90", "p99", "max"):
+        table.add_column(column, justify="left" if column == "step" else "right")
+    steps = report["steps"]
+    for step in [s for s in STEP_ORDER if s in steps] + [s for s in steps if s not in STEP_ORDER]:
+        s = steps[step]
+        table.add_row(
+            step,
+            str(s["count"]),
+            f"{s['rate_per_s']:.1f}",
+            *(f"{s[k]:.1f}" for k in ("p50_ms", "p90_ms", "p99_ms", "max_ms")),
+        )
+    console.print(table)
+    if report["errors"]:
+        errors = Table(title="errors")
+        for column in ("step", "kind", "count"):
+            errors.add_column(column)
+        for step, kinds in report["errors"].items():
+            for kind, count in kinds.items():
+                errors.add_row(step, kind, str(count))
+        console.print(errors)
+    simulator = report["simulator"]
+    console.print(
+        f"simulator: {report['processes']} process(es), "
+        f"{simulator['kb_per_connected_device']} KB RSS per connected device; broker: "
+        + ", ".join(f"{k} {v:g}" for k, v in report["broker"].items())
+    )
+    for path in report.get("plots", []):
+        console.print(f"plot: {path}")
