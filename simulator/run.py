@@ -46,7 +46,6 @@ SYS_TOPICS = {
     "$SYS/broker/clients/connected": "broker_clients_connected",
     "$SYS/broker/load/messages/received/1min": "broker_msgs_received_per_min",
     "$SYS/broker/load/messages/sent/1min": "broker_msgs_sent_per_min",
-    "$SYS/broker/heap/current": "broker_heap_bytes",
     "$SYS/broker/store/messages/count": "broker_stored_messages",
 }
 STEP_ORDER = (
