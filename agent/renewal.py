@@ -211,11 +211,11 @@ class Renewer:
     async def renew(self, session: Session) -> Provisioned:
         """Obtain and stage a new certificate over ``session``. Raises RenewalFailed (and
         schedules the retry)."""
-        certificate_id = self.keystore.load_record()
+        current = self.keystore.load_record()
         log.info(
             "renewing the certificate of %s (%s…)",
             self.thing,
-            certificate_id.certificate_id[:12] if certificate_id else "?",
+            current.certificate_id[:12] if current else "?",
         )
         try:
             staged = await obtain(session, self.keystore, self.thing, self.request)

@@ -25,7 +25,7 @@ from rich.table import Table
 from agent import wire
 from broker import bootstrap
 from broker.config import load_config
-from broker.mosquitto import check_port_free
+from broker.mosquitto import check_port_free, free_port
 from broker.mqtt import ConnectError, connect, disconnect, tls_context
 from broker.pki import (
     CertificateAuthority,
@@ -57,14 +57,6 @@ class Report:
         return all(c.passed for c in self.checks)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _timed(report: Report, label: str, action: Callable[[], object]) -> object:
     started = time.perf_counter()
     result = action()
@@ -82,7 +74,7 @@ def run_demo(devices: int, folder: Path | None, port: int | None, console: Conso
         "PKI + registry (fleet-broker init)",
         lambda: bootstrap.initialize(workdir / "certs", force=True),
     )
-    port = port or _free_port()
+    port = port or free_port()
     check_port_free("127.0.0.1", port)
     config = load_config(pki.root, port=port, bind_address="127.0.0.1")
     stack = Stack(config)

@@ -31,6 +31,7 @@ from rich.table import Table
 from agent import wire
 from broker import bootstrap
 from broker.config import load_config
+from broker.mosquitto import free_port
 from broker.mqtt import connect as service_connect
 from broker.mqtt import disconnect as service_disconnect
 from broker.mqtt import tls_context as service_tls
@@ -125,7 +126,7 @@ def broker_side(scenario: Scenario, folder: Path, console: Console) -> Iterator[
     workdir.mkdir(parents=True, exist_ok=True)
     workdir.chmod(0o755)  # the broker's user must reach the PKI folder when we are root
     pki = bootstrap.initialize(workdir / "certs")
-    config = load_config(pki.root, port=_free_port(), bind_address="127.0.0.1")
+    config = load_config(pki.root, port=free_port(), bind_address="127.0.0.1")
     stack = Stack(config, with_services=True)
     console.print(f"starting the local broker side on 127.0.0.1:{config.port} ({workdir})")
     stack.start()
@@ -140,14 +141,6 @@ def broker_side(scenario: Scenario, folder: Path, console: Console) -> Iterator[
         }
     finally:
         stack.stop()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Operator:

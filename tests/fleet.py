@@ -25,6 +25,7 @@ from paho.mqtt.properties import Properties
 
 from broker import bootstrap
 from broker.config import BrokerConfig, load_config
+from broker.mosquitto import free_port
 from broker.pki import (
     CertificateAuthority,
     generate_private_key,
@@ -33,12 +34,6 @@ from broker.pki import (
 )
 from broker.registry import CertificateRole, CertificateStatus, SQLiteRegistry
 from broker.stack import Stack
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_workdir() -> Path:
