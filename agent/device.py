@@ -57,6 +57,17 @@ class Device:
             keepalive=self.config.agent.keepalive,
         )
 
+    async def connect(self) -> Session:
+        """One connection as the thing with its current certificate."""
+        settings = self.settings()
+        return await connect(
+            settings.endpoint,
+            settings.port,
+            client_id=settings.thing,
+            context=tls_context(settings.ca_file, settings.cert_file, settings.key_file),
+            timeout=settings.timeout,
+        )
+
     def renewer(self) -> Renewer:
         provisioning = self.config.provisioning
         request = RenewalRequest(
@@ -212,13 +223,7 @@ async def one_shot(
     lock."""
     settings = device.settings()
     sync = device.shadow_sync(shadow)
-    session = await connect(
-        settings.endpoint,
-        settings.port,
-        client_id=settings.thing,
-        context=tls_context(settings.ca_file, settings.cert_file, settings.key_file),
-        timeout=settings.timeout,
-    )
+    session = await device.connect()
     try:
         sync.attach(session)
         await session.subscribe(*sync.subscriptions(), timeout=settings.timeout)
@@ -233,13 +238,7 @@ async def renew_once(device: Device) -> Provisioned:
     Raises RenewalFailed (the old certificate kept) or SessionError (not connected)."""
     settings = device.settings()
     renewer = device.renewer()
-    session: Session = await connect(
-        settings.endpoint,
-        settings.port,
-        client_id=settings.thing,
-        context=tls_context(settings.ca_file, settings.cert_file, settings.key_file),
-        timeout=settings.timeout,
-    )
+    session = await device.connect()
     try:
         staged = await renewer.renew(session)
     finally:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from agent.keystore import Keystore
 from agent.onboarding import ClaimSettings, onboard
 from agent.session import tls_context
-from bench._record import record
+from bench._record import latency_summary, record
 from tests.fleet import Fleet, running_fleet
 
 
@@ -51,17 +50,7 @@ def main() -> int:
     args = parser.parse_args()
     with running_fleet(services=True) as fleet:
         durations = asyncio.run(run(fleet, args.devices))
-    ms = sorted(d * 1000 for d in durations)
-    record(
-        "provisioning_time",
-        {
-            "devices": args.devices,
-            "median_ms": round(statistics.median(ms), 1),
-            "p90_ms": round(ms[int(0.9 * (len(ms) - 1))], 1),
-            "min_ms": round(ms[0], 1),
-            "max_ms": round(ms[-1], 1),
-        },
-    )
+    record("provisioning_time", {"devices": args.devices, **latency_summary(durations)})
     return 0
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from agent.config import load_config
 from agent.device import Device, renew_once
 from agent.keystore import Keystore
-from bench._record import record
+from bench._record import latency_summary, record
 from broker.registry import CertificateStatus
 from tests.fleet import Fleet, agent_config, fleet_agent, running_fleet
 
@@ -61,17 +60,12 @@ def main() -> int:
             done = time.perf_counter()
             renewals.append(done - started)
             retirements.append(retired_after(fleet, old, done))
-    ms = sorted(d * 1000 for d in renewals)
-    retire_ms = sorted(d * 1000 for d in retirements)
     record(
         "renewal_time",
         {
             "renewals": args.renewals,
-            "median_ms": round(statistics.median(ms), 1),
-            "p90_ms": round(ms[int(0.9 * (len(ms) - 1))], 1),
-            "max_ms": round(ms[-1], 1),
-            "old_retired_after_switch_median_ms": round(statistics.median(retire_ms), 1),
-            "old_retired_after_switch_max_ms": round(retire_ms[-1], 1),
+            **latency_summary(renewals),
+            **latency_summary(retirements, prefix="old_retired_after_switch_"),
         },
     )
     return 0

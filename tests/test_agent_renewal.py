@@ -18,7 +18,13 @@ from pathlib import Path
 import pytest
 
 from agent import wire
-from agent.keystore import Keystore, ProvisioningRecord, certificate_id, generate_key
+from agent.keystore import (
+    Keystore,
+    Provisioned,
+    ProvisioningRecord,
+    certificate_id,
+    generate_key,
+)
 from agent.onboarding import prove_certificate
 from agent.renewal import RenewalFailed, RenewalRequest, obtain
 from agent.session import connect, tls_context
@@ -65,6 +71,19 @@ def keep_copy(state: Path) -> Credentials:
     shutil.copy(state / "device.key", folder / "old.key")
     (folder / "old.key").chmod(0o600)
     return Credentials(folder / "old.pem", folder / "old.key")
+
+
+async def obtain_as(fleet: Fleet, state: Path, thing: str, serial: str) -> Provisioned:
+    """Connect as ``thing`` with the certificate in ``state`` and ask for a new certificate
+    with the template parameter SerialNumber = ``serial``; staged in ``state``."""
+    context = tls_context(fleet.pki.ca_cert, state / "device.pem", state / "device.key")
+    host, port = fleet.config.connect_host, fleet.config.port
+    session = await connect(host, port, client_id=thing, context=context)
+    try:
+        request = RenewalRequest(host, port, parameters={"SerialNumber": serial})
+        return await obtain(session, Keystore(state), thing, request)
+    finally:
+        await session.disconnect()
 
 
 def provisioned_device(fleet: Fleet, serial: str, extra: str = "") -> tuple[Path, str]:
@@ -197,19 +216,7 @@ def test_a_crash_after_the_new_certificate_connected_resumes_with_it(fleet: Flee
     ca = fleet.pki.ca_cert
 
     async def renew_halfway() -> str:
-        context = tls_context(ca, state / "device.pem", state / "device.key")
-        session = await connect(
-            fleet.config.connect_host, fleet.config.port, client_id=thing, context=context
-        )
-        try:
-            request = RenewalRequest(
-                fleet.config.connect_host,
-                fleet.config.port,
-                parameters={"SerialNumber": "SN-RENEW-CRASH"},
-            )
-            staged = await obtain(session, keystore, thing, request)
-        finally:
-            await session.disconnect()
+        staged = await obtain_as(fleet, state, thing, "SN-RENEW-CRASH")
         await prove_certificate(
             fleet.config.connect_host,
             fleet.config.port,
@@ -241,19 +248,7 @@ def test_a_device_cannot_renew_into_another_thing(fleet: Fleet) -> None:
     before = certificates_of(fleet, victim)
 
     async def steal() -> None:
-        context = tls_context(fleet.pki.ca_cert, state / "device.pem", state / "device.key")
-        session = await connect(
-            fleet.config.connect_host, fleet.config.port, client_id=thing, context=context
-        )
-        try:
-            request = RenewalRequest(
-                fleet.config.connect_host,
-                fleet.config.port,
-                parameters={"SerialNumber": "SN-VICTIM"},
-            )
-            await obtain(session, keystore, thing, request)
-        finally:
-            await session.disconnect()
+        await obtain_as(fleet, state, thing, "SN-VICTIM")
 
     with pytest.raises(RenewalFailed, match="AccessDenied"):
         asyncio.run(steal())
