@@ -344,7 +344,7 @@ class Session:
         self._keepalive = keepalive
         self._fd = -1
         self._timer: asyncio.TimerHandle | None = None
-        self._connack: asyncio.Future[ReasonCode] = self._loop.create_future()
+        self._connack: asyncio.Future[tuple[int, str]] = self._loop.create_future()
         self._closed: asyncio.Future[None] = self._loop.create_future()
         self._acks: dict[int, asyncio.Future[Any]] = {}
         self._waiters: dict[str, list[asyncio.Future[Message]]] = {}
@@ -521,8 +521,12 @@ class Session:
     ) -> None:
         if will is not None:
             self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
-        properties = Properties(PacketTypes.CONNECT)
-        properties.SessionExpiryInterval = session_expiry
+        # Without an expiry the property is left out (0 is MQTT 5's default): paho keeps the
+        # Properties object for the session's life, ~1 KB a device in a large fleet.
+        properties: Properties | None = None
+        if session_expiry:
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = session_expiry
         self._client.prepared = sock
         try:
             rc = self._client.connect(
@@ -546,12 +550,11 @@ class Session:
             raise SessionTimeout(f"no CONNACK from {self.where} within {timeout:g} s") from None
         finally:
             self._client.on_log = None
-        if reason.is_failure:
+        code, name = reason
+        if code >= 0x80:
             self.abort()
             raise ConnectRefused(
-                f"{self.where} refused the connection: {reason.getName()} (0x{reason.value:02X})",
-                reason.value,
-                reason.getName(),
+                f"{self.where} refused the connection: {name} (0x{code:02X})", code, name
             )
         self._schedule_misc()
 
@@ -622,7 +625,9 @@ class Session:
         self, _c: mqtt.Client, _u: Any, _flags: Any, reason: ReasonCode, _props: Any
     ) -> None:
         if not self._connack.done():
-            self._connack.set_result(reason)
+            # The code and its name, not paho's ReasonCode: that copies a names table per
+            # instance, and the future lives as long as the session.
+            self._connack.set_result((reason.value, reason.getName()))
 
     def _on_disconnect(
         self, _c: mqtt.Client, _u: Any, _flags: Any, reason: ReasonCode, _props: Any

@@ -119,6 +119,9 @@ CONTROL_TOPIC: Final = "$CONTROL/fleet/v1"
 #: connected with a newly registered certificate for the first time (it is in use now; the
 #: certificate a renewal replaces can be retired).
 FIRST_CONNECT_TOPIC: Final = "$fleet/v1/events/first-connect"
+#: The services' own figures (queue depths, requests handled), JSON, once a second; for
+#: operator tools with the service identity (fleet-sim shows them beside the broker's $SYS).
+SERVICE_STATS_TOPIC: Final = "$fleet/v1/stats/services"
 
 
 # ---------------------------------------------------------------------- parsing & codecs

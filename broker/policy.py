@@ -65,6 +65,8 @@ def rules() -> Iterator[Rule]:
     yield Rule("service", "receive", "$SYS/#")
     yield Rule("service", "publish", wire.CONTROL_TOPIC)
     yield Rule("service", "receive", wire.FIRST_CONNECT_TOPIC)
+    for access in ("publish", "subscribe", "receive"):
+        yield Rule("service", access, wire.SERVICE_STATS_TOPIC)
 
 
 def request_filters() -> tuple[str, ...]:

@@ -25,7 +25,6 @@ from broker.hooks import Hook, HookInput
 from broker.identity import Sender
 from broker.pki import CertificateAuthority, certificate_pem, generate_private_key
 from broker.registry import (
-    CertificateRole,
     CertificateStatus,
     InvalidOwnershipToken,
     Registration,
@@ -130,12 +129,9 @@ class ProvisioningService:
     # ------------------------------------------------------------ certificates
 
     def _issue(self, certificate: Any) -> dict[str, str]:
-        record = self.registry.add_certificate(
-            certificate, role=CertificateRole.DEVICE, status=CertificateStatus.PENDING_ACTIVATION
-        )
         token = secrets.token_urlsafe(32)  # 256 bits
-        self.registry.add_ownership_token(
-            record.id, token, self.clock() + self.settings.token_lifetime
+        record = self.registry.issue_device_certificate(
+            certificate, token, self.clock() + self.settings.token_lifetime
         )
         return {
             "certificateId": record.id,

@@ -325,6 +325,10 @@ class Registry(Protocol):
         self, certificate_id: str, token: str, expires_at: dt.datetime
     ) -> None: ...
 
+    def issue_device_certificate(
+        self, cert: x509.Certificate, token: str, expires_at: dt.datetime
+    ) -> CertificateRecord: ...
+
     def consume_ownership_token(self, token: str, *, now: dt.datetime | None = None) -> str: ...
 
     def peek_ownership_token(self, token: str, *, now: dt.datetime | None = None) -> str: ...
@@ -798,15 +802,33 @@ class SQLiteRegistry:
     # --- ownership tokens (only their SHA-256 is stored)
 
     def add_ownership_token(self, certificate_id: str, token: str, expires_at: dt.datetime) -> None:
-        expires = _timestamp(expires_at)
         with self._transaction() as db:
             if self._certificate_row(db, certificate_id) is None:
                 raise UnknownCertificate(f"no certificate with id {certificate_id}")
-            db.execute(
-                "INSERT INTO ownership_tokens (token_hash, certificate_id, expires_at)"
-                " VALUES (?, ?, ?)",
-                (hash_token(token), certificate_id.lower(), expires),
+            self._insert_token(db, certificate_id, token, expires_at)
+
+    def issue_device_certificate(
+        self, cert: x509.Certificate, token: str, expires_at: dt.datetime
+    ) -> CertificateRecord:
+        """A new device certificate (PENDING_ACTIVATION) and its ownership token, in one
+        transaction: one fsync per CreateCertificateFromCsr, and never a certificate without
+        its token."""
+        with self._transaction() as db:
+            record = self._insert_certificate(
+                db, cert, CertificateRole.DEVICE, CertificateStatus.PENDING_ACTIVATION, None, None
             )
+            self._insert_token(db, record.id, token, expires_at)
+            return record
+
+    @staticmethod
+    def _insert_token(
+        db: sqlite3.Connection, certificate_id: str, token: str, expires_at: dt.datetime
+    ) -> None:
+        db.execute(
+            "INSERT INTO ownership_tokens (token_hash, certificate_id, expires_at)"
+            " VALUES (?, ?, ?)",
+            (hash_token(token), certificate_id.lower(), _timestamp(expires_at)),
+        )
 
     @staticmethod
     def _valid_token_row(db: sqlite3.Connection, token: str, moment: float) -> sqlite3.Row:

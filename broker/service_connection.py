@@ -238,6 +238,14 @@ class ServiceConnection:
         if threading.current_thread() is not self._thread:
             self._wake()
 
+    def depths(self) -> dict[str, int]:
+        """How much is waiting here right now (read from any thread: lengths only)."""
+        return {
+            "requests_waiting": len(self._held),
+            "replies_queued": len(self._queued),
+            "replies_in_flight": len(self._inflight),
+        }
+
     def stop(self, timeout: float = 5.0) -> None:
         """Send what is pending and DISCONNECT (the session, and its queue, persist)."""
         self._stopping.set()

@@ -92,6 +92,11 @@ class FleetServices:
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fleet-worker")
         self._periodic: list[list] = []
         self._responder: Responder | None = None
+        self._connection: ServiceConnection | None = None
+        # Requests handed to the pool and not finished: its queue plus those running.
+        self._in_pool = 0
+        self._in_pool_lock = threading.Lock()
+        self._received = 0
 
     def route(self, topic_filter: str, handler: Handler, *, may_block: bool = False) -> None:
         self._routes.append(
@@ -102,6 +107,11 @@ class FleetServices:
         """Requests on ``topic_filter`` go to ``handler`` inline, in arrival order, several at
         once when several arrived together; they are acknowledged when it returns."""
         self._routes.append((_filter_pattern(topic_filter), handler, _BATCH))
+
+    def publish_stats(self, every: float = 1.0) -> None:
+        """Publish `stats()` on SERVICE_STATS_TOPIC every so often (only the service identity
+        may read it; with no subscriber the broker drops it)."""
+        self.every(every, self._publish_stats)
 
     def every(self, seconds: float, task: Callable[[], None]) -> None:
         """Run ``task`` periodically on the service's own loop."""
@@ -125,7 +135,9 @@ class FleetServices:
                     if how is _BATCH:
                         batches.setdefault(handler, []).append(request)  # type: ignore[arg-type]
                     elif how is _POOL:
-                        self._pool.submit(self._run, handler, request, responder)
+                        with self._in_pool_lock:
+                            self._in_pool += 1
+                        self._pool.submit(self._run_pooled, handler, request, responder)
                     else:
                         self._run(handler, request, responder)  # type: ignore[arg-type]
                     break
@@ -138,6 +150,28 @@ class FleetServices:
                 batch_handler(requests, responder)
             except Exception:  # one bad batch must never stop the service
                 log.exception("handler for %d request(s) failed", len(requests))
+        self._received += len(messages)
+
+    def _run_pooled(self, handler: Handler, request: Request, responder: Responder) -> None:
+        try:
+            self._run(handler, request, responder)
+        finally:
+            with self._in_pool_lock:
+                self._in_pool -= 1
+
+    def stats(self) -> dict[str, float]:
+        """Queue depths and totals right now, for SERVICE_STATS_TOPIC."""
+        depths = self._connection.depths() if self._connection is not None else {}
+        return {
+            "at": round(time.time(), 3),
+            **depths,
+            "provisioning_in_pool": self._in_pool,
+            "requests_received": self._received,
+        }
+
+    def _publish_stats(self) -> None:
+        if self._responder is not None:
+            self._responder.publish(wire.SERVICE_STATS_TOPIC, json.dumps(self.stats()).encode())
 
     @staticmethod
     def _run(handler: Handler, request: Request, responder: Responder) -> None:
@@ -157,11 +191,12 @@ class FleetServices:
             on_batch=self._on_batch,
         )
         self._responder = Responder(connection)
+        self._connection = connection
         connection.start()
         _write_ready(self.files.services_ready)
         log.info("connected as %s; ready", self.config.services_client_id)
         try:
-            while not self._stop.wait(1.0):
+            while not self._stop.wait(0.25):
                 now = time.monotonic()
                 for entry in self._periodic:
                     if now >= entry[1]:
@@ -274,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         registry = SQLiteRegistry.open(PkiPaths(config.pki_dir).registry)
         install_provisioning(services, config, registry)
         install_shadow(services, registry)
+        services.publish_stats()
     except (TemplateLoadError, HookConfigError, PkiError) as exc:
         log.error("%s", exc)
         return 1

@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--claim-certificate", type=Path)
     run.add_argument("--claim-key", type=Path)
     run.add_argument("--timeout", type=float, help="seconds per connect and request")
+    run.add_argument(
+        "--ceiling-seconds",
+        type=float,
+        help="first measure bare mutual-TLS connects/s for this long (the onboarding ceiling)",
+    )
     run.add_argument("--out", type=Path, help="report folder (default fleet-sim-<time>)")
     return parser
 
@@ -61,7 +66,7 @@ RUN_OPTIONS = (
     *("devices", "rate", "ramp", "ramp_seconds", "concurrency", "processes"),
     *("devices_per_process", "update_interval", "update_bytes", "hold", "churn", "storm_at"),
     *("claim", "desired_rate", "endpoint", "port", "ca_file", "claim_certificate", "claim_key"),
-    "timeout",
+    *("timeout", "ceiling_seconds"),
 )
 
 

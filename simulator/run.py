@@ -37,6 +37,7 @@ from broker.mqtt import disconnect as service_disconnect
 from broker.mqtt import tls_context as service_tls
 from broker.pki import PkiPaths
 from broker.stack import Stack
+from simulator.ceiling import STEP as CEILING_STEP
 from simulator.metrics import Recorder
 from simulator.plots import write_plots
 from simulator.scenario import Scenario
@@ -49,7 +50,15 @@ SYS_TOPICS = {
     "$SYS/broker/load/messages/sent/1min": "broker_msgs_sent_per_min",
     "$SYS/broker/store/messages/count": "broker_stored_messages",
 }
+#: Queue depths the services publish (broker.services.FleetServices.stats).
+SERVICE_DEPTHS = (
+    "requests_waiting",
+    "provisioning_in_pool",
+    "replies_queued",
+    "replies_in_flight",
+)
 STEP_ORDER = (
+    CEILING_STEP,
     "tcp_connect",
     "tls_handshake",
     "connack",
@@ -71,8 +80,12 @@ class FleetState:
     connected: dict[int, int] = field(default_factory=dict)
     onboarded: dict[int, int] = field(default_factory=dict)
     failed: dict[int, int] = field(default_factory=dict)
-    rss_kb: dict[int, int] = field(default_factory=dict)
+    rss_kb: dict[int, int] = field(default_factory=dict)  # peak
+    rss_now_kb: dict[int, int] = field(default_factory=dict)
+    rss_at_peak_kb: int = 0  # all workers' RSS when the most devices were connected
     baseline_rss_kb: dict[int, int] = field(default_factory=dict)
+    ceiling_connects: dict[int, int] = field(default_factory=dict)
+    services: dict[str, float] = field(default_factory=dict)
     cpu_s: dict[int, float] = field(default_factory=dict)
     things: list[str] = field(default_factory=list)
     finished: set[int] = field(default_factory=set)
@@ -100,12 +113,17 @@ class FleetState:
         self.onboarded[worker] = message["onboarded"]
         self.failed[worker] = message["failed"]
         self.rss_kb[worker] = message["max_rss_kb"]
+        self.rss_now_kb[worker] = message["rss_kb"]
+        if message["ceiling_connects"] is not None:
+            self.ceiling_connects[worker] = message["ceiling_connects"]
         self.baseline_rss_kb[worker] = message["baseline_rss_kb"]
         self.cpu_s[worker] = message["cpu_s"]
         self.things += message["things"]
         if message["final"]:
             self.finished.add(worker)
         total = sum(self.connected.values())
+        if total >= self.peak_connected and total:
+            self.rss_at_peak_kb = sum(self.rss_now_kb.values())
         self.peak_connected = max(self.peak_connected, total)
         self.recorder.gauge("devices_connected", total)
 
@@ -157,11 +175,14 @@ class Operator:
             client_id=f"fleet-sim-operator-{random.getrandbits(32):08x}",
         )
         self.client.on_message = self._on_message
-        for topic in SYS_TOPICS:
+        for topic in (*SYS_TOPICS, wire.SERVICE_STATS_TOPIC):
             self.client.subscribe(topic, qos=0)
         self.desired_sent = 0
 
     def _on_message(self, _c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
+        if message.topic == wire.SERVICE_STATS_TOPIC:
+            self._on_service_stats(message.payload)
+            return
         name = SYS_TOPICS.get(message.topic)
         try:
             value = float(message.payload)
@@ -171,6 +192,17 @@ class Operator:
             with self.lock:
                 self.state.broker[name] = value
                 self.state.recorder.gauge(name, value)
+
+    def _on_service_stats(self, payload: bytes) -> None:
+        try:
+            stats = json.loads(payload)
+        except ValueError:
+            return
+        with self.lock:
+            for key, value in stats.items():
+                if key in SERVICE_DEPTHS and isinstance(value, int | float):
+                    self.state.services[key] = max(self.state.services.get(key, 0), value)
+                    self.state.recorder.gauge(f"services_{key}", value)
 
     def desire(self) -> None:
         with self.lock:
@@ -204,8 +236,13 @@ def run_fleet(scenario: Scenario, output: Path, console: Console) -> dict[str, A
             template=scenario.template,
             timeout=scenario.timeout,
         )
-        started = time.time() + 1.0  # every worker starts the same clock
-        state = FleetState(Recorder(started))
+        # Every worker starts the same clock; spawned processes need about a second to start.
+        ceiling: tuple[float, float] | None = None
+        started = time.time() + 1.0
+        if scenario.ceiling_seconds:
+            ceiling = (time.time() + 2.0, time.time() + 2.0 + scenario.ceiling_seconds)
+            started = ceiling[1] + 0.5  # the last bare connects end before the first device
+        state = FleetState(Recorder(ceiling[0] if ceiling else started))
         lock = threading.Lock()
         operator = Operator(broker["pki"], broker["port"], state, lock) if broker["pki"] else None
         context = multiprocessing.get_context("spawn")
@@ -216,7 +253,7 @@ def run_fleet(scenario: Scenario, output: Path, console: Console) -> dict[str, A
             context.Process(
                 target=worker_main,
                 args=(
-                    WorkerPlan(i, workers, scenario, target, started, tuple(claim_files)),
+                    WorkerPlan(i, workers, scenario, target, started, tuple(claim_files), ceiling),
                     out,
                     stop,
                     storm,
@@ -246,6 +283,8 @@ def run_fleet(scenario: Scenario, output: Path, console: Console) -> dict[str, A
             if operator is not None:
                 operator.close()
     report = _report(scenario, state, started, interrupted, operator, workers)
+    if ceiling is not None:
+        report["ceiling"] = _ceiling(scenario, state, report["steps"])
     (output / "report.json").write_text(json.dumps(report, indent=2, default=str))
     report["plots"] = [str(p) for p in write_plots(state.recorder.timeline(), output, "fleet-sim")]
     return report
@@ -342,6 +381,7 @@ def _report(scenario, state, started, interrupted, operator, workers) -> dict[st
         "errors": summary.get("errors", {}),
         "errors_total": summary.get("errors_total", 0),
         "broker": dict(state.broker),
+        "services": dict(state.services),
         "desired_changes_sent": operator.desired_sent if operator else 0,
         "simulator": {
             "max_rss_mb_per_process": {w: round(kb / 1024, 1) for w, kb in state.rss_kb.items()},
@@ -349,10 +389,36 @@ def _report(scenario, state, started, interrupted, operator, workers) -> dict[st
             "kb_per_connected_device": round(grown_kb / state.peak_connected, 1)
             if state.peak_connected
             else None,
+            # RSS when the most devices were connected, beyond start-up: what they hold.
+            "kb_per_device_held": round(
+                (state.rss_at_peak_kb - sum(state.baseline_rss_kb.values())) / state.peak_connected,
+                1,
+            )
+            if state.peak_connected
+            else None,
+            "devices_per_process": round(state.peak_connected / workers),
             "cpu_s": {w: round(s, 2) for w, s in state.cpu_s.items()},
         },
         "worker_errors": state.fatal,
         "duration_s": round(time.time() - started, 2),
+    }
+
+
+def _ceiling(scenario: Scenario, state: FleetState, steps: dict[str, Any]) -> dict[str, Any]:
+    """Bare connects/s before the fleet, and the onboarding rate as a share of it (each
+    onboarding makes two connections, so half the ceiling is the most it could reach)."""
+    connects = sum(state.ceiling_connects.values())
+    # From the completions' own span, as every rate here: a worker that started late must not
+    # read as a slower broker.
+    per_s = steps.get(CEILING_STEP, {}).get("rate_per_s", 0.0)
+    onboarding = steps.get("onboarding", {}).get("rate_per_s", 0.0)
+    return {
+        "seconds": scenario.ceiling_seconds,
+        "connects": connects,
+        "connects_per_s": round(per_s, 1),
+        "onboarding_per_s": onboarding,
+        "onboarding_share": round(onboarding / per_s, 3) if per_s else None,
+        "connections_share": round(2 * onboarding / per_s, 3) if per_s else None,
     }
 
 
@@ -391,5 +457,18 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         f"{simulator['kb_per_connected_device']} KB RSS per connected device; broker: "
         + ", ".join(f"{k} {v:g}" for k, v in report["broker"].items())
     )
+    if report.get("services"):
+        console.print(
+            "services (max over the run): "
+            + ", ".join(f"{k} {v:g}" for k, v in report["services"].items())
+        )
+    if "ceiling" in report:
+        c = report["ceiling"]
+        console.print(
+            f"ceiling: {c['connects_per_s']:.1f} bare mutual-TLS connects/s over "
+            f"{c['seconds']:g} s; onboarding {c['onboarding_per_s']:.1f}/s = "
+            f"{(c['onboarding_share'] or 0) * 100:.0f}% of it (two connections each: "
+            f"{(c['connections_share'] or 0) * 100:.0f}% of the connect capacity)"
+        )
     for path in report.get("plots", []):
         console.print(f"plot: {path}")

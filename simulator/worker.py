@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import os
 import random
 import resource
 import signal
@@ -21,12 +23,16 @@ from pathlib import Path
 from typing import Any
 
 from agent.session import SessionError, tls_context
+from simulator.ceiling import measure_connect_ceiling
 from simulator.metrics import Recorder
 from simulator.scenario import Scenario
 from simulator.virtual_device import Counters, Target, VirtualDevice, jittered
 
 REPORT_EVERY = 0.5
 ONBOARDING_ATTEMPTS = 3
+# Connects in flight per process while measuring the ceiling: enough to keep the broker's
+# TLS busy; more would only queue and add latency, not rate.
+CEILING_CONCURRENCY = 64
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,7 @@ class WorkerPlan:
     target: Target
     started: float  # the run's wall-clock start, shared by every process
     claim_files: tuple[tuple[Path, Path], ...]  # one shared pair, or one per device
+    ceiling_window: tuple[float, float] | None = None  # wall clock: bare connects from, until
 
 
 def worker_main(plan: WorkerPlan, out: Queue, stop: Event, storm: Event) -> None:
@@ -45,6 +52,10 @@ def worker_main(plan: WorkerPlan, out: Queue, stop: Event, storm: Event) -> None
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    # Thousands of sessions allocate steadily and live long: with the default thresholds the
+    # collector ran every few hundred allocations and took ~6% of the process (py-spy).
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
     try:
         asyncio.run(_Worker(plan, out, stop, storm).run())
     except Exception as exc:  # never a traceback from a worker: the parent reports it
@@ -58,16 +69,18 @@ class _Worker:
         self.out = out
         self.stop = stop
         self.storm = storm
-        self.recorder = Recorder(plan.started)
+        self.recorder = Recorder(plan.ceiling_window[0] if plan.ceiling_window else plan.started)
         self.counters = Counters()
         self.devices: list[VirtualDevice] = []
         self.tasks: set[asyncio.Task[Any]] = set()
         self._sent_things = 0
+        self.ceiling_connects: int | None = None
         # Memory before any device: the per-device cost is what grows beyond it.
         self.baseline_rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         # Every plan.workers-th device is ours: arrivals interleave across processes.
         self.indexes = range(plan.index, self.scenario.devices, plan.workers)
-        self.concurrency = asyncio.Semaphore(max(1, self.scenario.concurrency // plan.workers))
+        self.concurrency_share = max(1, self.scenario.concurrency // plan.workers)
+        self.concurrency = asyncio.Semaphore(self.concurrency_share)
         self.claims = {
             pair: tls_context(plan.target.ca_file, pair[0], pair[1])
             for pair in (plan.claim_files if len(plan.claim_files) == 1 else ())
@@ -87,7 +100,7 @@ class _Worker:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         reporter = asyncio.create_task(self._report_loop())
-        arrivals = asyncio.create_task(self._arrivals())
+        arrivals = asyncio.create_task(self._ceiling_then_arrivals())
         extras = [asyncio.create_task(self._storm_watch())]
         if self.scenario.churn > 0:
             extras.append(asyncio.create_task(self._churn()))
@@ -105,6 +118,21 @@ class _Worker:
         self._send(final=True, stop_seconds=loop.time() - started_stop)
 
     # --------------------------------------------------------------- arrivals
+
+    async def _ceiling_then_arrivals(self) -> None:
+        window = self.plan.ceiling_window
+        if window is not None:
+            await asyncio.sleep(max(0.0, window[0] - time.time()))
+            self.ceiling_connects = await measure_connect_ceiling(
+                self.plan.target,
+                self._claim_context(0),
+                until=window[1],
+                concurrency=min(CEILING_CONCURRENCY, self.concurrency_share),
+                recorder=self.recorder,
+                client_prefix=f"ceiling-{self.plan.index}-{os.getpid()}",
+            )
+            self._send()
+        await self._arrivals()
 
     async def _arrivals(self) -> None:
         for index in self.indexes:
@@ -182,6 +210,8 @@ class _Worker:
         things = self.counters.things[self._sent_things :]
         self._sent_things = len(self.counters.things)
         usage = resource.getrusage(resource.RUSAGE_SELF)
+        with open("/proc/self/statm") as statm:
+            rss_kb = int(statm.read().split()[1]) * resource.getpagesize() // 1024
         self.out.put(
             {
                 "worker": self.plan.index,
@@ -191,6 +221,8 @@ class _Worker:
                 "failed": self.counters.failed,
                 "things": things,
                 "max_rss_kb": usage.ru_maxrss,
+                "rss_kb": rss_kb,
+                "ceiling_connects": self.ceiling_connects,
                 "baseline_rss_kb": self.baseline_rss_kb,
                 "cpu_s": usage.ru_utime + usage.ru_stime,
                 "final": final,

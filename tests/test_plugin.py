@@ -259,6 +259,7 @@ def test_requests_are_never_broadcast_or_retained(fleet: Fleet) -> None:
         "$share/g/$aws/things/someone-else/shadow/update/accepted",
         "$SYS/#",
         "$fleet/#",
+        wire.SERVICE_STATS_TOPIC,  # the services' queue depths are for operators only
     ],
 )
 def test_device_subscribe_outside_its_policy_is_refused(fleet: Fleet, topic_filter: str) -> None:
@@ -283,7 +284,13 @@ def test_device_subscribe_inside_its_policy_is_granted(fleet: Fleet, topic_filte
 
 @pytest.mark.parametrize(
     "topic_filter",
-    ["$aws/things/any/shadow/get/accepted", "#", CSR_TOPIC, "$aws/certificates/#"],
+    [
+        "$aws/things/any/shadow/get/accepted",
+        "#",
+        CSR_TOPIC,
+        "$aws/certificates/#",
+        wire.SERVICE_STATS_TOPIC,
+    ],
 )
 def test_claim_subscribe_outside_its_policy_is_refused(fleet: Fleet, topic_filter: str) -> None:
     claim = fleet.client(fleet.claim, "claim-nosy")

@@ -259,6 +259,22 @@ def test_ownership_token_single_use(
         assert token.encode() not in path.read_bytes(), path
 
 
+def test_issue_device_certificate_is_one_transaction(
+    registry: SQLiteRegistry, ca: CertificateAuthority
+) -> None:
+    later = dt.datetime.now(UTC) + dt.timedelta(hours=1)
+    record = registry.issue_device_certificate(new_cert(ca, "issued"), "token-one", later)
+    assert record.status is CertificateStatus.PENDING_ACTIVATION
+    assert record.role is CertificateRole.DEVICE
+    assert registry.peek_ownership_token("token-one") == record.id
+
+    # The token cannot be stored (already issued): the certificate is not kept either.
+    second = new_cert(ca, "orphan")
+    with pytest.raises(sqlite3.IntegrityError):
+        registry.issue_device_certificate(second, "token-one", later)
+    assert registry.get_certificate(certificate_id(second)) is None
+
+
 def test_ownership_token_expired(registry: SQLiteRegistry, ca: CertificateAuthority) -> None:
     cert_id = add_device(registry, ca, status=CertificateStatus.PENDING_ACTIVATION)
     now = dt.datetime.now(UTC)

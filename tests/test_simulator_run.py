@@ -33,7 +33,7 @@ def run() -> tuple[subprocess.CompletedProcess[str], Path]:
     scenario = out.parent / "scenario.toml"
     scenario.write_text(
         f"[scenario]\ndevices = {DEVICES}\nrate = 40\nprocesses = 2\nhold = 4\n"
-        "update_interval = 1\ndesired_rate = 5\nstorm_at = 2\n"
+        "update_interval = 1\ndesired_rate = 5\nstorm_at = 2\nceiling_seconds = 1\n"
     )
     proc = fleet_sim("run", str(scenario), "--out", str(out))
     return proc, out
@@ -68,6 +68,32 @@ def test_every_device_onboards_and_the_report_adds_up(
         assert summary["p50_ms"] <= summary["p90_ms"] <= summary["p99_ms"] <= summary["max_ms"]
     assert report["broker"]["broker_clients_connected"] >= 1
     assert report["processes"] == 2
+    simulator = report["simulator"]
+    assert simulator["kb_per_device_held"] > 0
+    assert simulator["devices_per_process"] == DEVICES // 2
+
+
+def test_the_ceiling_is_measured_first(run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    proc, out = run
+    report = json.loads((out / "report.json").read_text())
+    ceiling = report["ceiling"]
+    assert ceiling["connects"] >= 2 and ceiling["connects_per_s"] > 0
+    assert ceiling["onboarding_per_s"] == report["steps"]["onboarding"]["rate_per_s"]
+    assert ceiling["onboarding_share"] == pytest.approx(
+        ceiling["onboarding_per_s"] / ceiling["connects_per_s"], abs=0.001
+    )
+    assert report["steps"]["ceiling_connect"]["count"] == ceiling["connects"]
+    assert "bare mutual-TLS connects/s" in proc.stdout
+
+
+def test_the_services_queue_depths_are_reported(
+    run: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
+    _, out = run
+    report = json.loads((out / "report.json").read_text())
+    depths = report["services"]
+    for name in ("requests_waiting", "provisioning_in_pool", "replies_queued"):
+        assert isinstance(depths[name], int | float) and depths[name] >= 0, name
 
 
 def test_plots_and_table_are_written(run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
