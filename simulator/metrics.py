@@ -155,20 +155,7 @@ class Recorder:
         spaced at rate r give exactly r. It is 0 with fewer than 2 completions or no time between
         them. Percentiles are nearest-rank over all samples.
         """
-        steps: dict[str, dict[str, Any]] = {}
-        for step, (offsets, durations) in self._steps.items():
-            ordered = sorted(durations)
-            count = len(ordered)
-            span = max(offsets) - min(offsets)
-            steps[step] = {
-                "count": count,
-                "rate_per_s": round((count - 1) / span, 3) if count > 1 and span > 0 else 0.0,
-                "mean_ms": _ms(math.fsum(ordered) / count),
-                "p50_ms": _ms(percentile(ordered, 50)),
-                "p90_ms": _ms(percentile(ordered, 90)),
-                "p99_ms": _ms(percentile(ordered, 99)),
-                "max_ms": _ms(ordered[-1]),
-            }
+        steps = self.step_summary()
         errors = {
             step: {kind: len(offsets) for kind, offsets in kinds.items()}
             for step, kinds in self._errors.items()
@@ -186,6 +173,35 @@ class Recorder:
             "errors_total": sum(sum(kinds.values()) for kinds in errors.values()),
             "gauges": gauges,
         }
+
+    def step_summary(
+        self, since: float = -math.inf, until: float = math.inf
+    ) -> dict[str, dict[str, Any]]:
+        """`summary()`'s "steps", over completions at offsets in [since, until) only: a
+        phase of the run (the steady hold after onboarding, say)."""
+        steps: dict[str, dict[str, Any]] = {}
+        for step, (all_offsets, all_durations) in self._steps.items():
+            window = [
+                (offset, duration)
+                for offset, duration in zip(all_offsets, all_durations, strict=True)
+                if since <= offset < until
+            ]
+            if not window:
+                continue
+            offsets = [offset for offset, _ in window]
+            ordered = sorted(duration for _, duration in window)
+            count = len(ordered)
+            span = max(offsets) - min(offsets)
+            steps[step] = {
+                "count": count,
+                "rate_per_s": round((count - 1) / span, 3) if count > 1 and span > 0 else 0.0,
+                "mean_ms": _ms(math.fsum(ordered) / count),
+                "p50_ms": _ms(percentile(ordered, 50)),
+                "p90_ms": _ms(percentile(ordered, 90)),
+                "p99_ms": _ms(percentile(ordered, 99)),
+                "max_ms": _ms(ordered[-1]),
+            }
+        return steps
 
     def timeline(self, bucket: float = 1.0) -> dict[str, Any]:
         """The run cut into `bucket`-second slices since start, JSON-able, for plots and progress.

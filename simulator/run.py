@@ -92,6 +92,8 @@ class FleetState:
     fatal: dict[int, str] = field(default_factory=dict)
     broker: dict[str, float] = field(default_factory=dict)
     peak_connected: int = 0
+    hold_started: float | None = None  # wall clock: every device arrived and onboarded (or not)
+    storm_started: float | None = None
     _summary: dict[str, Any] = field(default_factory=dict)
     _summary_at: float = 0.0
 
@@ -303,7 +305,7 @@ def _drive(scenario, state, lock, out, stop, storm, operator, live, processes) -
             if hold_started is None and (
                 total >= scenario.devices or len(state.finished) == len(processes)
             ):
-                hold_started = now
+                hold_started = state.hold_started = now
             phase = "onboarding" if hold_started is None else "holding"
             if hold_started is not None:
                 if (
@@ -312,6 +314,7 @@ def _drive(scenario, state, lock, out, stop, storm, operator, live, processes) -
                     and now >= hold_started + scenario.storm_at
                 ):
                     storm.set()
+                    state.storm_started = now
                 if now >= hold_started + scenario.hold:
                     return False
             if operator is not None and desired_every and now >= next_desired:
@@ -378,6 +381,9 @@ def _report(scenario, state, started, interrupted, operator, workers) -> dict[st
             "peak_connected": state.peak_connected,
         },
         "steps": summary.get("steps", {}),
+        # The same, over the steady hold only: after onboarding, before any storm.
+        "steps_holding": _phase(state, state.hold_started, state.storm_started),
+        "steps_storm": _phase(state, state.storm_started, None),
         "errors": summary.get("errors", {}),
         "errors_total": summary.get("errors_total", 0),
         "broker": dict(state.broker),
@@ -402,6 +408,14 @@ def _report(scenario, state, started, interrupted, operator, workers) -> dict[st
         "worker_errors": state.fatal,
         "duration_s": round(time.time() - started, 2),
     }
+
+
+def _phase(state: FleetState, start: float | None, end: float | None) -> dict[str, Any]:
+    if start is None:
+        return {}
+    recorder = state.recorder
+    until = end - recorder.started if end is not None else float("inf")
+    return recorder.step_summary(since=start - recorder.started, until=until)
 
 
 def _ceiling(scenario: Scenario, state: FleetState, steps: dict[str, Any]) -> dict[str, Any]:
@@ -443,6 +457,16 @@ def print_report(report: dict[str, Any], console: Console) -> None:
             *(f"{s[k]:.1f}" for k in ("p50_ms", "p90_ms", "p99_ms", "max_ms")),
         )
     console.print(table)
+    for phase, label, step in (
+        ("steps_holding", "steady hold", "shadow_update"),
+        ("steps_storm", "reconnect storm", "reconnect"),
+    ):
+        s = report.get(phase, {}).get(step)
+        if s:
+            console.print(
+                f"{label}: {step} {s['count']} at {s['rate_per_s']:.1f}/s, "
+                f"p50 {s['p50_ms']:.1f} ms, p99 {s['p99_ms']:.1f} ms, max {s['max_ms']:.1f} ms"
+            )
     if report["errors"]:
         errors = Table(title="errors")
         for column in ("step", "kind", "count"):

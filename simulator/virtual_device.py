@@ -220,9 +220,6 @@ class VirtualDevice:
             pass
         except Exception as exc:  # a shadow rejection: counted, the device goes on
             self.recorder.error("shadow_sync", error_kind(exc))
-        finally:
-            with contextlib.suppress(Exception):
-                await session.wait_closed()
 
     def _apply_desired(self, change: DesiredChange) -> dict[str, Any]:
         sent_at = change.delta.get(SENT_AT_KEY)

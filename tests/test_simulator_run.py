@@ -68,6 +68,9 @@ def test_every_device_onboards_and_the_report_adds_up(
         assert summary["p50_ms"] <= summary["p90_ms"] <= summary["p99_ms"] <= summary["max_ms"]
     assert report["broker"]["broker_clients_connected"] >= 1
     assert report["processes"] == 2
+    # The storm's reconnects are its phase's; the steady hold is before it.
+    assert report["steps_storm"]["reconnect"]["count"] == DEVICES
+    assert "reconnect" not in report["steps_holding"]
     simulator = report["simulator"]
     assert simulator["kb_per_device_held"] > 0
     assert simulator["devices_per_process"] == DEVICES // 2
