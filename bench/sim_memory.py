@@ -11,8 +11,8 @@ growth of resident memory over N instances, after a warm-up of 20:
   virtual_device   a whole fleet-sim device: own key, own context, onboarded through the claim
                    flow, its session and shadow sync live (the number fleet-sim reports)
 
-Python's own share of a virtual device is measured in one more run (tracemalloc). Needs the local stack: starts
-Mosquitto + plugin + services on a free port with a throw-away PKI.
+Python's own share of a virtual device is measured in one more run (tracemalloc). Needs the
+local stack: starts Mosquitto + plugin + services on a free port with a throw-away PKI.
 
 Run:  .venv/bin/python bench/sim_memory.py [--count 1000]
 Results are printed and appended as JSON to bench/results/sim_memory.jsonl.
