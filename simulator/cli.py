@@ -14,6 +14,7 @@ from broker.config import ConfigError
 from broker.mosquitto import BrokerError
 from broker.mqtt import ConnectError
 from broker.pki import PkiError
+from simulator import locust_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="first measure bare mutual-TLS connects/s for this long (the onboarding ceiling)",
     )
     run.add_argument("--out", type=Path, help="report folder (default fleet-sim-<time>)")
+    locust_command.add_parser(sub)
     return parser
 
 
@@ -96,6 +98,8 @@ def cmd_run(args: object, console: Console) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "locust":
+        return locust_command.run(args)
     console = Console()
     if args.command == "run":
         try:
@@ -121,6 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_report(report, console)
     except BrokenPipeError:  # the reader went away (`| head`): no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except KeyboardInterrupt:
+        return 130
     return 0 if report.passed else 1
 
 

@@ -1,0 +1,258 @@
+"""`fleet-sim locust`: Locust users are virtual devices running the agent's claim flow and shadow
+logic over the paho transport, against a real broker side (Mosquitto + plugin + services, a
+throw-away PKI). Headless, --processes, master + two workers on loopback, bad options and
+AWS rejections reported as failures."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from broker.mosquitto import free_port
+from broker.registry import CertificateRole
+from tests.fleet import AGENT_ENV, REPO, Fleet, make_workdir, running_fleet
+
+#: Every row the fleet's Locust statistics have once a run is under way.
+STEPS = {
+    ("connect", "claim"),
+    ("subscribe", "claim"),
+    ("provisioning", "CreateCertificateFromCsr"),
+    ("provisioning", "RegisterThing"),
+    ("connect", "thing"),
+    ("subscribe", "thing"),
+    ("device", "onboarding"),
+    ("shadow", "update"),
+    ("shadow", "get"),
+    ("shadow", "desired -> delta"),
+    ("shadow", "delta -> reported"),
+}
+PACE = ["--fleet-update-interval", "0.3"]
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Fleet]:
+    with running_fleet(services=True) as running:
+        yield running
+
+
+def device_options(stack: Fleet) -> list[str]:
+    return [
+        *("--host", f"mqtts://127.0.0.1:{stack.config.port}"),
+        *("--fleet-ca", str(stack.pki.ca_cert)),
+        *("--fleet-claim-cert", str(stack.pki.claim_cert)),
+        *("--fleet-claim-key", str(stack.pki.claim_key)),
+    ]
+
+
+def fleet_locust(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``fleet-sim locust <args>`` (the wrapper module) as a real subprocess, to its end."""
+    return subprocess.run(
+        [sys.executable, "-m", "simulator.locust_command", *args],
+        cwd=REPO,
+        env=AGENT_ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def locust_process(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "simulator.locust_command", *args],
+        cwd=REPO,
+        env=AGENT_ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def stats(prefix: Path) -> dict[tuple[str, str], dict[str, str]]:
+    with open(f"{prefix}_stats.csv", newline="") as f:
+        return {(row["Type"], row["Name"]): row for row in csv.DictReader(f)}
+
+
+def count(rows: dict[tuple[str, str], dict[str, str]], step: tuple[str, str]) -> int:
+    return int(rows[step]["Request Count"]) if step in rows else 0
+
+
+def things_with(stack: Fleet, prefix: str) -> list[str]:
+    with stack.registry() as registry:
+        return [t.name for t in registry.list_things() if f"-{prefix}-" in t.name]
+
+
+def assert_clean(proc: subprocess.CompletedProcess[str]) -> None:
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+
+
+def test_headless_run_reports_every_step_in_csv_and_html(stack: Fleet) -> None:
+    out = make_workdir()
+    users = 12
+    proc = fleet_locust(
+        *("--headless", "-u", str(users), "-r", str(users), "-t", "6s"),
+        *("--csv", str(out / "run"), "--html", str(out / "report.html")),
+        *device_options(stack),
+        *PACE,
+        "--fleet-serial-prefix",
+        "headless",
+    )
+    assert_clean(proc)
+    rows = stats(out / "run")
+    for step in STEPS:
+        assert count(rows, step) > 0, (step, sorted(rows))
+        assert rows[step]["Failure Count"] == "0", rows[step]
+    # One claim flow per user, each onboarded once; nothing else failed anywhere.
+    for step in [s for s in STEPS if s[0] in ("provisioning", "device")]:
+        assert count(rows, step) == users, step
+    assert len(things_with(stack, "headless")) == users
+    assert rows[("", "Aggregated")]["Failure Count"] == "0"
+    report = (out / "report.html").read_text()
+    for name in ("CreateCertificateFromCsr", "RegisterThing", "onboarding", "delta -"):
+        assert name in report, name
+
+
+def test_processes_share_one_run(stack: Fleet) -> None:
+    out = make_workdir()
+    proc = fleet_locust(
+        *("--headless", "--processes", "2", "-u", "8", "-r", "8", "-t", "5s"),
+        *("--csv", str(out / "run")),
+        *device_options(stack),
+        *PACE,
+    )
+    assert_clean(proc)
+    rows = stats(out / "run")
+    assert count(rows, ("provisioning", "RegisterThing")) == 8
+    assert count(rows, ("shadow", "update")) > 0
+    assert rows[("", "Aggregated")]["Failure Count"] == "0"
+
+
+def test_master_and_two_workers_on_loopback(stack: Fleet) -> None:
+    """The master alone gets the broker and the device files and forwards them; each worker
+    names its own devices, so the registry tells which worker onboarded whom."""
+    out = make_workdir()
+    port = str(free_port())
+    workers = [
+        locust_process(
+            *("--worker", "--master-host", "127.0.0.1", "--master-port", port),
+            *("--fleet-serial-prefix", name),
+        )
+        for name in ("wone", "wtwo")
+    ]
+    try:
+        master = fleet_locust(
+            *("--master", "--headless", "--expect-workers", "2"),
+            *("--master-bind-host", "127.0.0.1", "--master-bind-port", port),
+            *("-u", "10", "-r", "10", "-t", "6s", "--csv", str(out / "run")),
+            *device_options(stack),
+            *PACE,
+        )
+        outputs = [worker.communicate(timeout=30)[0] for worker in workers]
+    finally:
+        for worker in workers:
+            worker.kill()
+    assert_clean(master)
+    for worker, output in zip(workers, outputs, strict=True):
+        assert worker.returncode == 0, output[-3000:]
+        assert "Traceback" not in output, output[-3000:]
+    rows = stats(out / "run")
+    onboarded = {name: len(things_with(stack, name)) for name in ("wone", "wtwo")}
+    assert all(onboarded.values()), onboarded  # both workers ran devices...
+    # ...and the master's figures hold both workers' devices.
+    assert count(rows, ("provisioning", "RegisterThing")) == sum(onboarded.values()) == 10
+    assert count(rows, ("device", "onboarding")) == 10
+    assert count(rows, ("shadow", "update")) > 0
+    assert rows[("", "Aggregated")]["Failure Count"] == "0"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (["--fleet-ca", None], "--fleet-ca is required"),
+        (["--host", "http://127.0.0.1:1"], "mqtts://HOST:PORT"),
+        (["--fleet-claim-key", "/no/such/claim.key"], "cannot read /no/such/claim.key"),
+        (["--fleet-claim-key", "CA"], "cannot use the certificate"),
+        (["--fleet-update-interval", "soon"], "'soon' is not a number"),
+    ],
+)
+def test_bad_options_are_one_clear_line(
+    stack: Fleet, change: list[str | None], message: str
+) -> None:
+    options = device_options(stack)
+    flag, value = change
+    if value is None:
+        at = options.index(flag)
+        del options[at : at + 2]
+    elif flag in options:
+        options[options.index(flag) + 1] = str(stack.pki.ca_cert) if value == "CA" else value
+    else:
+        options += [flag, value]
+    proc = fleet_locust("--headless", "-u", "1", "-t", "2s", *options, timeout=30)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert "PRIVATE KEY" not in proc.stdout + proc.stderr
+
+
+def test_a_rejection_is_a_failure_named_by_its_aws_error_code(stack: Fleet) -> None:
+    out = make_workdir()
+    proc = fleet_locust(
+        *("--headless", "-u", "3", "-r", "3", "-t", "3s", "--csv", str(out / "run")),
+        *device_options(stack),
+        *("--fleet-template", "no-such-template"),
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # Locust: the run had failures
+    assert "Traceback" not in proc.stdout + proc.stderr
+    rows = stats(out / "run")
+    assert rows[("provisioning", "CreateCertificateFromCsr")]["Failure Count"] == "0"
+    register = rows[("provisioning", "RegisterThing")]
+    assert int(register["Failure Count"]) == int(register["Request Count"]) > 0
+    with open(out / "run_failures.csv", newline="") as f:
+        failures = list(csv.DictReader(f))
+    assert [(row["Method"], row["Name"]) for row in failures] == [("provisioning", "RegisterThing")]
+    assert failures[0]["Error"].startswith("AwsRejected('ResourceNotFound (404): ")
+
+
+def test_a_refused_connection_is_a_failure_with_its_reason(stack: Fleet) -> None:
+    unknown = stack.identity(CertificateRole.CLAIM, register=False)  # CA-signed, not registered
+    out = make_workdir()
+    options = device_options(stack)
+    options[options.index("--fleet-claim-cert") + 1] = str(unknown.cert)
+    options[options.index("--fleet-claim-key") + 1] = str(unknown.key)
+    proc = fleet_locust(
+        *("--headless", "-u", "2", "-r", "2", "-t", "2s", "--csv", str(out / "run")), *options
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    with open(out / "run_failures.csv", newline="") as f:
+        failures = list(csv.DictReader(f))
+    assert [(row["Method"], row["Name"]) for row in failures] == [("connect", "claim")]
+    assert "refused the connection: Not authorized (0x87)" in failures[0]["Error"]
+
+
+def test_help_lists_the_fleet_options() -> None:
+    proc = fleet_locust("--help", timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    for flag in ("--headless", "--fleet-ca", "--fleet-claim-key", "--fleet-update-interval"):
+        assert flag in proc.stdout, flag
+    assert "--local" in proc.stdout
+
+
+def test_local_starts_its_own_broker_side() -> None:
+    out = make_workdir()
+    proc = fleet_locust(
+        *("--local", "--headless", "-u", "3", "-r", "3", "-t", "3s", "--csv", str(out / "run")),
+        *PACE,
+    )
+    assert_clean(proc)
+    assert "local broker side on 127.0.0.1:" in proc.stdout
+    rows = stats(out / "run")
+    assert count(rows, ("device", "onboarding")) == 3
+    assert count(rows, ("shadow", "update")) > 0
+    assert rows[("", "Aggregated")]["Failure Count"] == "0"
