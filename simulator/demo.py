@@ -1,258 +1,374 @@
-"""The README's main job: a local fleet on this machine, end to end, with a report.
+"""`fleet-sim demo`: a local fleet onboarding and shadow demo with an end report.
 
-Brings up the broker side (PKI, Mosquitto with the plugin, services) in a fresh folder,
-connects a small fleet over mutual TLS, has every device send a shadow request that reaches
-the services stamped with its identity, tries the attacks the plugin exists to stop, revokes
-one device, and prints what happened. Claim onboarding and shadow sync join this demo as the
-provisioning and shadow services land; until then devices are registered directly.
+Everything runs on the real code paths, on this machine:
+1. a fresh PKI and registry, then the broker side (Mosquitto with the plugin, the fleet
+   services) on a free port, as `fleet-broker init` and `up` do;
+2. the fleet onboards through Fleet Provisioning with the one shared claim certificate: one
+   real `fleet-agent run` process and N-1 virtual devices running the agent's own claim flow
+   and shadow sync (simulator/virtual_device.py), each making its own key and CSR;
+3. shadow traffic: every virtual device reports twice; the operator (the service identity)
+   changes desired state for the agent and a quarter of the fleet and watches it come back
+   reported;
+4. the attacks the plugin exists to stop, and the revocation of one device;
+5. everything it started is stopped, and the report says what happened and how long it took.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
+import contextlib
+import resource
+import signal
+import ssl
 import tempfile
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
-import paho.mqtt.client as mqtt
-from cryptography.hazmat.primitives import serialization
 from rich.console import Console
-from rich.table import Table
 
-from agent import wire
+from agent.session import tls_context
 from broker import bootstrap
-from broker.config import load_config
+from broker.config import BrokerConfig, load_config
 from broker.mosquitto import check_port_free, free_port
-from broker.mqtt import ConnectError, connect, disconnect, tls_context
-from broker.pki import (
-    CertificateAuthority,
-    generate_private_key,
-    write_private_key,
-    write_public_file,
-)
-from broker.registry import CertificateRole, CertificateStatus, SQLiteRegistry
+from broker.pki import PkiPaths
 from broker.stack import Stack
+from simulator import demo_attacks
+from simulator.demo_agent import AgentProcess
+from simulator.demo_operator import Operator
+from simulator.demo_report import Report, print_report
+from simulator.metrics import Recorder
+from simulator.virtual_device import SENT_AT_KEY, Counters, Target, VirtualDevice
+
+__all__ = ["Report", "print_report", "run_demo"]
+
+CONCURRENCY = 16  # onboardings in flight: a factory line, not a stampede
+ATTEMPTS = 3  # per device, as the simulator's workers retry
+UPDATES_PER_DEVICE = 2
+AGENT_TIMEOUT = 30.0  # until the fleet-agent process has onboarded and reported
+DESIRED_TIMEOUT = 10.0
+HOST = "127.0.0.1"  # in the broker certificate; the demo's broker listens only there
+
+T = TypeVar("T")
 
 
-@dataclass
-class Check:
-    name: str
-    passed: bool
-    detail: str
-
-
-@dataclass
-class Report:
-    checks: list[Check] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def check(self, name: str, passed: bool, detail: str) -> None:
-        self.checks.append(Check(name, passed, detail))
-
-    @property
-    def passed(self) -> bool:
-        return all(c.passed for c in self.checks)
-
-
-def _timed(report: Report, label: str, action: Callable[[], object]) -> object:
+def _timed(report: Report, label: str, action: Callable[[], T]) -> T:
     started = time.perf_counter()
-    result = action()
-    report.timings[label] = time.perf_counter() - started
-    return result
+    try:
+        return action()
+    finally:
+        report.timings[label] = time.perf_counter() - started
+
+
+def _raise_open_file_limit(devices: int) -> None:
+    """Each virtual device holds a socket in this process: lift the soft limit if needed."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = devices * 2 + 256
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        ceiling = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (ceiling, hard))
 
 
 def run_demo(devices: int, folder: Path | None, port: int | None, console: Console) -> Report:
+    """Run the whole demo; BrokerError/ConfigError/PkiError/ConnectError if the broker side
+    cannot be set up (the command line turns them into one line)."""
     workdir = folder or Path(tempfile.mkdtemp(prefix="fleet-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     workdir.chmod(0o755)  # the broker's user must reach the PKI folder when we are root
-    report = Report()
+    report = Report(devices=devices, workdir=workdir)
+    _raise_open_file_limit(devices)
+    port = port or free_port()
+    check_port_free(HOST, port)  # before the PKI: a busy port costs nothing
     pki = _timed(
         report,
         "PKI + registry (fleet-broker init)",
         lambda: bootstrap.initialize(workdir / "certs", force=True),
     )
-    port = port or free_port()
-    check_port_free("127.0.0.1", port)
-    config = load_config(pki.root, port=port, bind_address="127.0.0.1")
-    stack = Stack(config)
-    console.print(f"[bold]mqtt-fleet demo[/] in {workdir} - broker on mqtts://127.0.0.1:{port}")
-    _timed(report, "broker + services up (fleet-broker up)", stack.start)
+    config = load_config(pki.root, port=port, bind_address=HOST)
+    stack = Stack(config, with_services=True)
+    report.endpoint = f"mqtts://{HOST}:{port}"
+    console.print(f"[bold]mqtt-fleet demo[/] in {workdir}: broker side on {report.endpoint}")
+    agent = AgentProcess(workdir / "fleet-agent", pki, HOST, port, serial="0000", model="gateway")
+    _timed(report, "broker + services up (fleet-broker up)", stack.start)  # stops itself on error
     try:
-        _exercise(report, pki, config, devices, console)
+        asyncio.run(_fleet(report, pki, config, stack, agent, devices, console))
     finally:
-        stack.stop()
+        with _interrupt_deferred():
+            agent.stop()  # already stopped unless interrupted
+            _timed(report, "stop everything", stack.stop)
     return report
 
 
-def _exercise(report: Report, pki, config, count: int, console: Console) -> None:
-    ca = CertificateAuthority.load(pki)
-    folder = pki.root / "demo-devices"
-    folder.mkdir(exist_ok=True)
-    names = [f"demo-device-{i:03d}" for i in range(count)]
-    credentials: dict[str, tuple[Path, Path, str]] = {}
-    with SQLiteRegistry.open(pki.registry) as registry:
-        for name in names:
-            key = generate_private_key()
-            # The subject is deliberately not the thing name: identity comes from the registry.
-            cert = ca.issue(
-                key.public_key(), common_name=f"sensor {name[-3:]}", days=1, purpose="client"
-            )
-            key_path, cert_path = folder / f"{name}.key", folder / f"{name}.pem"
-            write_private_key(key_path, key)
-            write_public_file(cert_path, cert.public_bytes(serialization.Encoding.PEM))
-            registry.create_or_update_thing(name, attributes={"model": "demo"})
-            record = registry.add_certificate(
-                cert, role=CertificateRole.DEVICE, status=CertificateStatus.ACTIVE, thing_name=name
-            )
-            credentials[name] = (cert_path, key_path, record.id)
+@contextlib.contextmanager
+def _interrupt_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C until the block is done, then raise it.
 
-    clients: dict[str, mqtt.Client] = {}
-    started = time.perf_counter()
-    for name in names:
-        cert_path, key_path, _ = credentials[name]
-        clients[name] = connect(
-            "127.0.0.1",
-            config.port,
-            context=tls_context(pki.ca_cert, cert_path, key_path),
-            client_id=name,
-        )
-    elapsed = time.perf_counter() - started
-    report.timings[f"{count} devices connected (mutual TLS, sequential)"] = elapsed
-    report.check(
-        "devices connect with their own certificate",
-        True,
-        f"{count}/{count} CONNACK success, {count / elapsed:.0f} connects/s",
-    )
-
-    granted = sum(_suback(clients[n], wire.shadow_delta(n)) == 1 for n in names)
-    report.check(
-        "each device may subscribe to its own shadow topics",
-        granted == count,
-        f"{granted}/{count} SUBACK granted",
-    )
-
-    first, second = names[0], names[1 % count]
-    foreign = _suback(clients[first], wire.shadow_delta("someone-else"))
-    report.check(
-        "subscribing to another thing's topics is refused",
-        foreign == 0x87,
-        f"SUBACK 0x{foreign:02x}",
-    )
-
-    forged = _puback(clients[first], wire.shadow_topic(first, "update") + "/accepted")
-    report.check("a device cannot forge a service reply", forged == 0x87, f"PUBACK 0x{forged:02x}")
-
-    cert_path, key_path, _ = credentials[first]
+    Stopping takes well under a second; a Ctrl-C in the middle of it would leave Mosquitto or
+    the services running (they run in sessions of their own, out of the terminal's reach).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals reach the main thread only: nothing to defer here
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: received.append(signum))
     try:
-        impostor = connect(
-            "127.0.0.1",
-            config.port,
-            context=tls_context(pki.ca_cert, cert_path, key_path),
-            client_id=second,
-            timeout=5,
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
+async def _fleet(
+    report: Report,
+    pki: PkiPaths,
+    config: BrokerConfig,
+    stack: Stack,
+    agent: AgentProcess,
+    devices: int,
+    console: Console,
+) -> None:
+    recorder = Recorder(time.time())
+    target = Target(HOST, config.port, pki.ca_cert, timeout=10.0)
+    claim_context = tls_context(pki.ca_cert, pki.claim_cert, pki.claim_key)
+    operator = Operator(pki, HOST, config.port)
+    await asyncio.to_thread(operator.start)
+    counters = Counters()
+    fleet = [
+        VirtualDevice(
+            f"{i:04d}",
+            target,
+            claim_context,
+            recorder,
+            counters,
+            parameters={"DeviceModel": "sensor"},
         )
-        disconnect(impostor)
-        outcome = "accepted (BAD)"
-    except ConnectError as exc:
-        outcome = str(exc).split(": ")[-1]
-    still_up = clients[second].is_connected()
+        for i in range(1, devices)
+    ]
+    online: list[VirtualDevice] = []
+    try:
+        started = time.perf_counter()
+        console.print(
+            f"onboarding {devices} devices by claim: 1 fleet-agent process, "
+            f"{len(fleet)} virtual devices …"
+        )
+        online = await _onboard(report, recorder, agent, fleet, operator, started)
+        report.timings["onboarding (Fleet Provisioning)"] = time.perf_counter() - started
+        agent_thing = report.onboarding.get("agent_thing")
+
+        started = time.perf_counter()
+        console.print("shadow: device reports, operator desired changes …")
+        await _shadow(report, recorder, operator, online, agent_thing)
+        report.timings["shadow traffic"] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        console.print("attacks and a revocation …")
+        await _attacks(report, target, claim_context, online, agent, agent_thing, operator, stack)
+        report.timings["attacks + revocation"] = time.perf_counter() - started
+    finally:
+        started = time.perf_counter()
+        await asyncio.gather(*(d.close() for d in fleet), return_exceptions=True)
+        code = await asyncio.to_thread(agent.stop)
+        operator.close()
+        report.timings["fleet disconnect"] = time.perf_counter() - started
+        summary = recorder.summary()
+        report.steps = summary["steps"]
+        report.errors = summary["errors"]
+    if agent.process is not None:
+        report.check(
+            "the fleet-agent process stops cleanly on SIGTERM",
+            code == 0,
+            f"exit code {code}" if code is not None else "did not stop within 15 s (killed)",
+        )
+
+
+async def _all(coroutines: Iterable[Awaitable[T]]) -> list[T | BaseException]:
+    """Run them all; return once every one has finished, also when cancelled (Ctrl-C).
+
+    ``gather`` without ``return_exceptions`` returns at the first cancelled child while the
+    others still run; a device finishing its onboarding after the demo closed the fleet would
+    stay connected, and its shadow task would keep the event loop from closing.
+    """
+    return await asyncio.gather(*coroutines, return_exceptions=True)
+
+
+# ------------------------------------------------------------------------------ onboarding
+
+
+async def _onboard_one(device: VirtualDevice, limit: asyncio.Semaphore) -> bool:
+    async with limit:
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                await device.onboard()
+                return True
+            except Exception:  # recorded by kind inside; a real device backs off and retries
+                if attempt < ATTEMPTS:
+                    await asyncio.sleep(0.2 * attempt)
+    return False
+
+
+async def _onboard(
+    report: Report,
+    recorder: Recorder,
+    agent: AgentProcess,
+    fleet: list[VirtualDevice],
+    operator: Operator,
+    started: float,
+) -> list[VirtualDevice]:
+    agent.start()
+    # Watched alongside, so its times are its own and not the virtual fleet's.
+    agent_online = asyncio.create_task(_agent_online(report, agent, operator, started))
+    limit = asyncio.Semaphore(CONCURRENCY)
+    try:
+        outcomes = await _all(_onboard_one(d, limit) for d in fleet)
+    except BaseException:
+        agent_online.cancel()
+        raise
+    virtual_seconds = time.perf_counter() - started
+    online = [d for d, ok in zip(fleet, outcomes, strict=True) if ok is True]
+    agent_thing, agent_problem = await agent_online
+    onboarded = len(online) + (agent_thing is not None)
+    report.onboarding.update(
+        onboarded=onboarded,
+        virtual=len(fleet),
+        virtual_onboarded=len(online),
+        virtual_seconds=virtual_seconds,
+        rate_per_s=len(online) / virtual_seconds if virtual_seconds > 0 else 0.0,
+        concurrency=CONCURRENCY,
+    )
+    retries = recorder.summary()["errors_total"]
     report.check(
-        "a certificate cannot take another device's client id",
-        outcome != "accepted (BAD)" and still_up,
-        f"CONNACK {outcome}; the real {second} stays connected",
+        "every device onboards through Fleet Provisioning",
+        onboarded == report.devices,
+        f"{onboarded}/{report.devices} with the shared claim certificate, each with its own "
+        f"key and CSR (the key never left the device)"
+        + (f"; fleet-agent: {agent_problem}" if agent_problem else "")
+        + (f"; {retries} failed attempt(s) retried" if retries else ""),
     )
+    return online
 
-    sunk = sum(
-        _puback(clients[n], wire.shadow_topic(n, "update"), _report_state()) == 0x10 for n in names
-    )
-    # 0x10 "no matching subscribers": the plugin handed the request to the services and
-    # sank the broadcast, so no other client could read it.
+
+async def _agent_online(
+    report: Report, agent: AgentProcess, operator: Operator, started: float
+) -> tuple[str | None, str | None]:
+    """Until the agent process has its thing and its first report reached the shadow."""
+    deadline = started + AGENT_TIMEOUT
+    thing = None
+    while thing is None:
+        thing = agent.thing()
+        if thing is not None:
+            break
+        if agent.exit_code() is not None:
+            return None, f"exited ({agent.exit_code()}): {agent.log_tail()}"
+        if time.perf_counter() > deadline:
+            return None, f"not provisioned within {AGENT_TIMEOUT:.0f} s: {agent.log_tail()}"
+        await asyncio.sleep(0.05)
+    report.onboarding["agent_thing"] = thing
+    report.onboarding["agent_provisioned_s"] = time.perf_counter() - started
+    try:
+        # Device facts are the agent's first report once it runs as its thing.
+        arrived = await operator.wait_reported(
+            thing, lambda reported: "device" in reported, max(0.1, deadline - time.perf_counter())
+        )
+    except asyncio.TimeoutError:
+        return thing, f"no shadow report within {AGENT_TIMEOUT:.0f} s: {agent.log_tail()}"
+    report.onboarding["agent_reported_s"] = arrived - started
+    return thing, None
+
+
+# ---------------------------------------------------------------------------------- shadow
+
+
+async def _report_twice(device: VirtualDevice, limit: asyncio.Semaphore) -> None:
+    async with limit:
+        for _ in range(UPDATES_PER_DEVICE):
+            await device.update(64)
+
+
+async def _shadow(
+    report: Report,
+    recorder: Recorder,
+    operator: Operator,
+    online: list[VirtualDevice],
+    agent_thing: str | None,
+) -> None:
+    limit = asyncio.Semaphore(4 * CONCURRENCY)
+    await _all(_report_twice(d, limit) for d in online)
+    updates = recorder.summary()["steps"].get("shadow_update", {}).get("count", 0)
+    wanted = UPDATES_PER_DEVICE * len(online)
     report.check(
-        "shadow requests go to the services only",
-        sunk == count,
-        f"{sunk}/{count} PUBACK 0x10: forwarded to the services, broadcast to no one",
+        "devices report their shadow state",
+        updates == wanted and wanted > 0,
+        f"{updates}/{wanted} updates accepted by the Device Shadow service",
     )
 
-    # Revoke the last device: registry + CRL + kick, as `fleet-broker revoke` does.
-    victim = names[-1]
-    lost = threading.Event()
-    clients[victim].on_disconnect = lambda *_: lost.set()
-    clients[victim].reconnect_delay_set(60, 60)
-    started = time.perf_counter()
-    revoked = bootstrap.revoke(pki.root, victim)
-    operator = connect(
-        "127.0.0.1",
-        config.port,
-        context=tls_context(pki.ca_cert, pki.service_cert, pki.service_key),
-        client_id="fleet-demo-operator",
-    )
-    operator.publish(
-        wire.CONTROL_TOPIC, "\n".join(f"kick-certificate {r.id}" for r in revoked), qos=1
-    )
-    kicked = lost.wait(2)
-    kick_ms = (time.perf_counter() - started) * 1000
-    disconnect(operator)
+    # The agent and every fourth virtual device get a desired change from the operator.
+    things = ([agent_thing] if agent_thing else []) + [
+        d.thing for d in online[::4] if d.thing is not None
+    ]
+    sent = {thing: index for index, thing in enumerate(things, start=1)}
+    publish_times: dict[str, float] = {}
+
+    async def round_trip(thing: str) -> bool:
+        change = sent[thing]
+        waiting = asyncio.ensure_future(
+            operator.wait_reported(
+                thing, lambda reported: reported.get("demo_change") == change, DESIRED_TIMEOUT
+            )
+        )
+        await asyncio.sleep(0)  # the waiter is registered before the change goes out
+        publish_times[thing] = time.perf_counter()
+        desired = {"mode": ("eco", "boost")[change % 2], "demo_change": change}
+        desired[SENT_AT_KEY] = time.time()  # virtual devices time the delta's delivery by it
+        operator.desire(thing, desired)
+        try:
+            arrived = await waiting
+        except asyncio.TimeoutError:
+            return False
+        recorder.observe("desired_to_reported", max(0.0, arrived - publish_times[thing]))
+        return True
+
+    delivered = await _all(round_trip(t) for t in things)
+    count = sum(outcome is True for outcome in delivered)
+    summary = recorder.summary()["steps"].get("desired_to_reported")
+    report.shadow.update(desired_sent=len(things), desired_reported=count)
+    timing = f": p50 {summary['p50_ms']:.0f} ms, max {summary['max_ms']:.0f} ms" if summary else ""
+    agent_part = "the fleet-agent and " if agent_thing else ""
     report.check(
-        "a revoked device is disconnected at once",
-        kicked,
-        f"{victim} disconnected {kick_ms:.0f} ms after revoke",
+        "desired state reaches the devices and comes back reported",
+        count == len(things) and count > 0,
+        f"{count}/{len(things)} changes ({agent_part}every fourth virtual device) "
+        f"desired -> applied -> reported, seen by the operator{timing}",
     )
-    for name, client in clients.items():
-        if name != victim:
-            disconnect(client)
-        else:
-            client.loop_stop()
-    console.print(f"ran {len(report.checks)} checks against the live broker")
 
 
-def _suback(client: mqtt.Client, topic: str) -> int:
-    done = threading.Event()
-    codes: list[int] = []
-
-    def on_subscribe(_c: object, _u: object, _mid: int, reasons: list, _p: object) -> None:
-        codes.extend(r.value for r in reasons)
-        done.set()
-
-    client.on_subscribe = on_subscribe
-    client.subscribe(topic, qos=1)
-    done.wait(5)
-    return codes[0] if codes else -1
+# --------------------------------------------------------------------------------- attacks
 
 
-def _report_state() -> bytes:
-    return json.dumps({"state": {"reported": {"demo": True}}}).encode()
-
-
-def _puback(client: mqtt.Client, topic: str, payload: bytes = b"{}") -> int:
-    done = threading.Event()
-    codes: list[int] = []
-
-    def on_publish(_c: object, _u: object, _mid: int, reason: object, _p: object) -> None:
-        codes.append(getattr(reason, "value", 0))
-        done.set()
-
-    client.on_publish = on_publish
-    client.publish(topic, payload, qos=1)
-    done.wait(5)
-    return codes[0] if codes else -1
-
-
-def print_report(report: Report, console: Console) -> None:
-    table = Table(title="mqtt-fleet demo: broker stack", show_lines=False)
-    table.add_column("check")
-    table.add_column("result")
-    table.add_column("detail")
-    for c in report.checks:
-        table.add_row(c.name, "[green]pass[/]" if c.passed else "[red]FAIL[/]", c.detail)
-    console.print(table)
-    timings = Table(title="timings")
-    timings.add_column("step")
-    timings.add_column("seconds", justify="right")
-    for label, seconds in report.timings.items():
-        timings.add_row(label, f"{seconds:.2f}")
-    console.print(timings)
-    verdict = "[green]all checks passed[/]" if report.passed else "[red]some checks FAILED[/]"
-    console.print(verdict)
+async def _attacks(
+    report: Report,
+    target: Target,
+    claim_context: ssl.SSLContext,
+    online: list[VirtualDevice],
+    agent: AgentProcess,
+    agent_thing: str | None,
+    operator: Operator,
+    stack: Stack,
+) -> None:
+    if not online or agent_thing is None:
+        report.check(
+            "attacks and revocation",
+            False,
+            "skipped: they need an onboarded virtual device and the fleet-agent online",
+        )
+        return
+    attacker, victim = online[0], online[-1]
+    await demo_attacks.impostor(report, target, attacker, agent, agent_thing)
+    await demo_attacks.device_overreach(report, attacker, agent_thing)
+    await demo_attacks.claim_overreach(report, target, claim_context, agent_thing)
+    await demo_attacks.revocation(
+        report, target, victim, operator, stack.pki.root, stack.broker.reload
+    )
