@@ -23,13 +23,14 @@ import os
 import re
 import socket
 import ssl
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.matcher import MQTTMatcher
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -45,9 +46,12 @@ IDENTITY_REFUSALS = frozenset({NOT_AUTHORIZED, BAD_CREDENTIALS, BANNED})
 #: DISCONNECT reason: the broker's operator ended the connection (a kick, e.g. on revocation).
 ADMINISTRATIVE_ACTION = 0x98
 
-# The only paho internal we rely on: where reconnect() gets its socket (paho 2.x).
-if not hasattr(mqtt.Client, "_create_socket"):  # pragma: no cover - guards a paho upgrade
-    raise ImportError("agent.session needs paho-mqtt 2.x (Client._create_socket)")
+# The paho internals we rely on (paho 2.x): where reconnect() gets its socket, and the
+# per-topic callback matcher every incoming message is looked up in.
+if not hasattr(mqtt.Client, "_create_socket") or not hasattr(
+    mqtt.Client(CallbackAPIVersion.VERSION2), "_on_message_filtered"
+):  # pragma: no cover - guards a paho upgrade
+    raise ImportError("agent.session needs paho-mqtt 2.x (_create_socket, _on_message_filtered)")
 
 
 # ----------------------------------------------------------------------------- errors
@@ -317,6 +321,15 @@ class Message:
     payload: bytes = field(repr=False)
 
 
+class _NoTopicCallbacks(MQTTMatcher):
+    """We register no per-topic callbacks (routing is ours), so no lookup is needed. paho's
+    lookup builds a self-referencing closure per message: cyclic garbage that, at a few
+    thousand sessions per process, made the collector stall the loop for 50-100 ms."""
+
+    def iter_match(self, topic: str) -> Iterator[Any]:
+        return iter(())
+
+
 class _Paho(mqtt.Client):
     """A paho client whose socket the session opened (TCP + TLS on the event loop)."""
 
@@ -368,6 +381,7 @@ class Session:
         client.on_publish = self._on_publish
         client.on_message = self._on_message
         client.on_log = self._on_log  # until CONNACK: keeps the TLS alert that refused us
+        client._on_message_filtered = _NoTopicCallbacks()
         self._client = client
 
     # ------------------------------------------------------------------ public

@@ -280,11 +280,14 @@ class ShadowSync:
 
     async def wait_sent(self, timeout: float) -> bool:
         """Wait until every queued report is accepted; False on timeout."""
+        # asyncio.wait, not wait_for: before Python 3.12 wait_for may swallow a cancellation
+        # that arrives as the event is set, and the caller's task would never stop.
+        drained = asyncio.ensure_future(self._drained.wait())
         try:
-            await asyncio.wait_for(self._drained.wait(), timeout)
-        except asyncio.TimeoutError:
-            return False
-        return True
+            done, _ = await asyncio.wait({drained}, timeout=timeout)
+        finally:
+            drained.cancel()
+        return bool(done)
 
     async def refresh(self) -> Document | None:
         """get: the service's document, applied to the tracker (None: no shadow yet)."""

@@ -62,6 +62,16 @@ def worker_main(plan: WorkerPlan, out: Queue, stop: Event, storm: Event) -> None
         out.put({"worker": plan.index, "fatal": f"{type(exc).__name__}: {exc}"})
 
 
+async def _cancel_all(tasks: set[asyncio.Task[Any]]) -> None:
+    """Cancel until every task has ended: before Python 3.12 an asyncio.wait_for inside a
+    task may swallow a cancellation that races a completion, and the task goes on."""
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=1.0)
+
+
 class _Worker:
     def __init__(self, plan: WorkerPlan, out: Queue, stop: Event, storm: Event) -> None:
         self.plan = plan
@@ -107,10 +117,7 @@ class _Worker:
         while not self.stop.is_set():
             await asyncio.sleep(0.1)
         started_stop = loop.time()
-        arrivals.cancel()
-        for task in [*extras, *self.tasks]:
-            task.cancel()
-        await asyncio.gather(arrivals, *extras, *self.tasks, return_exceptions=True)
+        await _cancel_all({arrivals, *extras, *self.tasks})
         await asyncio.gather(*(d.close() for d in self.devices), return_exceptions=True)
         reporter.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -4,6 +4,7 @@ TLS servers: each failure stage gets its own error, and the asyncio plumbing hol
 from __future__ import annotations
 
 import asyncio
+import gc
 import ssl
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -80,6 +81,40 @@ def test_connect_subscribe_publish_receive(fleet: Fleet) -> None:
     message = run(scenario)
     assert message.topic == wire.shadow_delta("session-thing")
     assert message.payload == b'{"state":{"on":true}}'
+
+
+def test_receiving_makes_no_cyclic_garbage(fleet: Fleet) -> None:
+    """A fleet of sessions must not feed the garbage collector per message: its pauses grow
+    with the number of sessions in the process (they stalled fleet-sim's loop ~100 ms)."""
+    creds = fleet.device("garbage-free")
+    service = fleet.as_service()
+    topic = wire.shadow_delta("garbage-free")
+
+    async def scenario() -> int:
+        session = await open_session(fleet, creds, "garbage-free")
+        received: list[Message] = []
+        enough = asyncio.Event()
+
+        def on_message(message: Message) -> None:
+            received.append(message)
+            if len(received) == 50:
+                enough.set()
+
+        session.handler = on_message
+        await session.subscribe(topic)
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(50):
+                service.publish(topic, b'{"state":{"on":true}}', qos=0)
+            await asyncio.wait_for(enough.wait(), 10)
+            garbage = gc.collect()
+        finally:
+            gc.enable()
+        await session.disconnect()
+        return garbage
+
+    assert run(scenario) < 10  # not one cycle per message
 
 
 def test_unreachable_port(fleet: Fleet) -> None:
