@@ -120,7 +120,7 @@ def tls_context(ca_file: Path | str, cert_file: Path | str, key_file: Path | str
     try:
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_file))
     except (OSError, ssl.SSLError) as exc:
-        raise SessionError(f"cannot load the CA file {ca_file}: {_reason(exc)}") from None
+        raise SessionError(f"cannot load the CA file {ca_file}: {describe_error(exc)}") from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.check_hostname = True
     context.verify_mode = ssl.CERT_REQUIRED
@@ -135,14 +135,15 @@ def tls_context(ca_file: Path | str, cert_file: Path | str, key_file: Path | str
                 else "not a PEM certificate and an unencrypted PEM key"
             )
         else:
-            why = _reason(exc)
+            why = describe_error(exc)
         raise SessionError(
             f"cannot use the certificate {cert_file} with the key {key_file}: {why}"
         ) from None
     return context
 
 
-def _reason(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
+    """An OS or TLS error in plain words (it never carries key material)."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         return str(exc.verify_message or getattr(exc, "reason", None) or exc)
     if isinstance(exc, ssl.SSLError):
@@ -205,7 +206,7 @@ async def open_tls(
         except asyncio.TimeoutError:
             raise SessionTimeout(f"resolving {host} took longer than {timeout:g} s") from None
         except OSError as exc:
-            raise BrokerUnreachable(f"cannot resolve {host}: {_reason(exc)}") from None
+            raise BrokerUnreachable(f"cannot resolve {host}: {describe_error(exc)}") from None
         addresses = [(family, address) for family, _, _, _, address in infos]
 
     sock: socket.socket | None = None
@@ -231,7 +232,7 @@ async def open_tls(
         break
     connected = loop.time()
     if sock is None:
-        reason = _reason(last_error) if last_error else "no address"
+        reason = describe_error(last_error) if last_error else "no address"
         raise BrokerUnreachable(f"cannot reach the broker at {where}: {reason}")
 
     try:
@@ -257,19 +258,19 @@ async def open_tls(
     except ssl.SSLCertVerificationError as exc:
         tls.close()
         raise TlsFailure(
-            f"the broker at {where} is not trusted: {_reason(exc)} (check broker.ca_file and "
-            "broker.endpoint)"
+            f"the broker at {where} is not trusted: {describe_error(exc)} "
+            "(check broker.ca_file and broker.endpoint)"
         ) from None
     except ssl.SSLError as exc:
         tls.close()
         raise TlsFailure(
-            f"TLS handshake with {where} failed: {_reason(exc)}",
-            peer_refused="alert" in _reason(exc),
+            f"TLS handshake with {where} failed: {describe_error(exc)}",
+            peer_refused="alert" in describe_error(exc),
         ) from None
     except OSError as exc:
         tls.close()
         raise TlsFailure(
-            f"{where} closed the connection during the TLS handshake: {_reason(exc)}",
+            f"{where} closed the connection during the TLS handshake: {describe_error(exc)}",
             peer_refused=True,
         ) from None
     except BaseException:
@@ -330,15 +331,21 @@ class _NoTopicCallbacks(MQTTMatcher):
         return iter(())
 
 
-class _Paho(mqtt.Client):
-    """A paho client whose socket the session opened (TCP + TLS on the event loop)."""
+class PahoOnSocket(mqtt.Client):
+    """paho's MQTT 5 protocol on a socket its owner connected (TCP and TLS, each with its own
+    error) and set in ``prepared`` before ``connect()``; the owner also routes messages (no
+    per-topic callbacks) and reconnects. Shared by this session and the Locust transport."""
 
     prepared: ssl.SSLSocket | None = None
+
+    def __init__(self, client_id: str) -> None:
+        super().__init__(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        self._on_message_filtered = _NoTopicCallbacks()
 
     def _create_socket(self) -> ssl.SSLSocket:  # type: ignore[override]
         sock, self.prepared = self.prepared, None
         if sock is None:
-            raise ConnectionError("reconnecting is the session's job, not paho's")
+            raise ConnectionError("reconnecting is the owner's job, not paho's")
         return sock
 
 
@@ -370,7 +377,7 @@ class Session:
         #: The reason code of the broker's DISCONNECT, or paho's code for a lost connection.
         self.disconnect_code: int | None = None
 
-        client = _Paho(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        client = PahoOnSocket(client_id)
         client.on_socket_open = self._on_socket_open
         client.on_socket_close = self._on_socket_close
         client.on_socket_register_write = self._on_register_write
@@ -381,7 +388,6 @@ class Session:
         client.on_publish = self._on_publish
         client.on_message = self._on_message
         client.on_log = self._on_log  # until CONNACK: keeps the TLS alert that refused us
-        client._on_message_filtered = _NoTopicCallbacks()
         self._client = client
 
     # ------------------------------------------------------------------ public
@@ -553,7 +559,9 @@ class Session:
         except OSError as exc:
             self._client.prepared = None
             sock.close()
-            raise ConnectionLost(f"cannot start MQTT on {self.where}: {_reason(exc)}") from None
+            raise ConnectionLost(
+                f"cannot start MQTT on {self.where}: {describe_error(exc)}"
+            ) from None
         if rc != mqtt.MQTT_ERR_SUCCESS:
             self.abort()
             raise ConnectionLost(f"cannot send CONNECT to {self.where}: {mqtt.error_string(rc)}")

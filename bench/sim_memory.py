@@ -83,7 +83,8 @@ async def build(
                 return await open_tls("localhost", port, shared, 30)
             if layer == "mqtt_session":
                 return await connect("localhost", port, client_id=f"mem-{index}", context=shared)
-            device = VirtualDevice(f"MEM-{index:06d}", target, shared, recorder, counters)
+            serial = f"MEM{'T' if trace else ''}-{index:06d}"  # a traced run: new things
+            device = VirtualDevice(serial, target, shared, recorder, counters)
             await device.onboard()
             return device
 

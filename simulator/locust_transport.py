@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import re
 import socket
 import ssl
@@ -35,7 +34,6 @@ import gevent
 import paho.mqtt.client as mqtt
 from gevent.event import AsyncResult
 from gevent.socket import wait, wait_write
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -45,11 +43,13 @@ from agent.session import (
     BrokerUnreachable,
     ConnectionLost,
     ConnectRefused,
+    PahoOnSocket,
     PublishRefused,
     SessionError,
     SessionTimeout,
     SubscribeRefused,
     TlsFailure,
+    describe_error,
 )
 
 log = logging.getLogger("fleet.locust.transport")
@@ -96,29 +96,6 @@ class _Waiter:
     result: AsyncResult = field(default_factory=AsyncResult)
 
 
-class _Paho(mqtt.Client):
-    """paho with a socket we connected ourselves, so TCP and TLS failures are told apart."""
-
-    prepared: ssl.SSLSocket | None = None
-
-    def _create_socket(self) -> ssl.SSLSocket:  # type: ignore[override]
-        sock, self.prepared = self.prepared, None
-        if sock is None:
-            raise ConnectionError("only Connection.open connects")
-        return sock
-
-
-def _why(exc: BaseException) -> str:
-    """An OS or TLS error in words (never key material: these come from sockets)."""
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return str(exc.verify_message or exc.reason or exc)
-    if isinstance(exc, ssl.SSLError):
-        return str(exc.reason or exc).replace("_", " ").lower()
-    if isinstance(exc, OSError) and exc.errno:
-        return os.strerror(exc.errno)
-    return str(exc) or type(exc).__name__
-
-
 def _open_tls(host: str, port: int, context: ssl.SSLContext, deadline: float) -> ssl.SSLSocket:
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     timeout = deadline - time.monotonic()
@@ -127,7 +104,9 @@ def _open_tls(host: str, port: int, context: ssl.SSLContext, deadline: float) ->
     except TimeoutError:
         raise SessionTimeout(f"no TCP connection to {where} within {timeout:.3g} s") from None
     except OSError as exc:
-        raise BrokerUnreachable(f"cannot reach the broker at {where}: {_why(exc)}") from None
+        raise BrokerUnreachable(
+            f"cannot reach the broker at {where}: {describe_error(exc)}"
+        ) from None
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         tls = context.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False)
@@ -135,11 +114,12 @@ def _open_tls(host: str, port: int, context: ssl.SSLContext, deadline: float) ->
         tls.do_handshake()
     except ssl.SSLCertVerificationError as exc:
         sock.close()
-        raise TlsFailure(f"the broker at {where} is not trusted: {_why(exc)}") from None
+        raise TlsFailure(f"the broker at {where} is not trusted: {describe_error(exc)}") from None
     except ssl.SSLError as exc:
         sock.close()
         raise TlsFailure(
-            f"TLS handshake with {where} failed: {_why(exc)}", peer_refused="alert" in _why(exc)
+            f"TLS handshake with {where} failed: {describe_error(exc)}",
+            peer_refused="alert" in describe_error(exc),
         ) from None
     except TimeoutError:
         sock.close()
@@ -147,7 +127,7 @@ def _open_tls(host: str, port: int, context: ssl.SSLContext, deadline: float) ->
     except OSError as exc:
         sock.close()
         raise TlsFailure(
-            f"{where} closed the connection during the TLS handshake: {_why(exc)}",
+            f"{where} closed the connection during the TLS handshake: {describe_error(exc)}",
             peer_refused=True,
         ) from None
     return tls
@@ -167,7 +147,7 @@ class Connection:
         self._reader: gevent.Greenlet | None = None
         self._last_error: str | None = None
         self.closed_reason: str | None = None
-        client = _Paho(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        client = PahoOnSocket(client_id)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_ack
@@ -205,7 +185,9 @@ class Connection:
             )
         except OSError as exc:
             tls.close()
-            raise ConnectionLost(f"cannot start MQTT on {self.where}: {_why(exc)}") from None
+            raise ConnectionLost(
+                f"cannot start MQTT on {self.where}: {describe_error(exc)}"
+            ) from None
         if rc != mqtt.MQTT_ERR_SUCCESS:
             self.abort()
             raise ConnectionLost(f"cannot send CONNECT to {self.where}: {mqtt.error_string(rc)}")

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import time
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 
@@ -174,22 +174,34 @@ class Recorder:
             "gauges": gauges,
         }
 
+    def errors_total(self) -> int:
+        return sum(len(offsets) for kinds in self._errors.values() for offsets in kinds.values())
+
     def step_summary(
-        self, since: float = -math.inf, until: float = math.inf
+        self,
+        since: float = -math.inf,
+        until: float = math.inf,
+        only: Collection[str] | None = None,
     ) -> dict[str, dict[str, Any]]:
-        """`summary()`'s "steps", over completions at offsets in [since, until) only: a
-        phase of the run (the steady hold after onboarding, say)."""
+        """`summary()`'s "steps", over completions at offsets in [since, until) only (a phase
+        of the run: the steady hold after onboarding, say), of the steps in ``only``."""
         steps: dict[str, dict[str, Any]] = {}
+        whole = since == -math.inf and until == math.inf
         for step, (all_offsets, all_durations) in self._steps.items():
-            window = [
-                (offset, duration)
-                for offset, duration in zip(all_offsets, all_durations, strict=True)
-                if since <= offset < until
-            ]
-            if not window:
+            if only is not None and step not in only:
                 continue
-            offsets = [offset for offset, _ in window]
-            ordered = sorted(duration for _, duration in window)
+            if whole:
+                offsets, ordered = all_offsets, sorted(all_durations)
+            else:
+                window = [
+                    (offset, duration)
+                    for offset, duration in zip(all_offsets, all_durations, strict=True)
+                    if since <= offset < until
+                ]
+                offsets = [offset for offset, _ in window]
+                ordered = sorted(duration for _, duration in window)
+            if not ordered:
+                continue
             count = len(ordered)
             span = max(offsets) - min(offsets)
             steps[step] = {

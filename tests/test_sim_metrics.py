@@ -304,3 +304,19 @@ def test_write_plots_skips_what_has_no_data(tmp_path: Path) -> None:
     rec = Recorder(T0)
     rec.error("connack", "refused", at=T0 + 1)
     assert [p.name for p in write_plots(rec.timeline(), tmp_path)] == ["rates.png"]
+
+
+def test_a_phase_and_a_subset_of_steps() -> None:
+    recorder = Recorder(started=1000.0)
+    for second in range(10):
+        recorder.observe("shadow_update", 0.001 * (second + 1), at=1000.0 + second)
+        recorder.observe("onboarding", 1.0, at=1000.0 + second)
+    recorder.error("shadow_update", "timeout", at=1003.0)
+    recorder.error("onboarding", "409", at=1004.0)
+    hold = recorder.step_summary(since=5.0, until=8.0)
+    assert hold["shadow_update"]["count"] == 3  # at 5, 6 and 7 s
+    assert hold["shadow_update"]["max_ms"] == pytest.approx(8.0)
+    assert recorder.step_summary(since=20.0) == {}
+    assert set(recorder.step_summary(only=("onboarding",))) == {"onboarding"}
+    assert recorder.step_summary() == recorder.summary()["steps"]
+    assert recorder.errors_total() == 2 == recorder.summary()["errors_total"]
