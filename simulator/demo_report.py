@@ -13,21 +13,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from simulator.metrics import format_ms
+from simulator.metrics import format_ms, in_step_order
 
-# Steps in the order a device lives them; anything else recorded follows.
-STEP_ORDER = (
-    "tcp_connect",
-    "tls_handshake",
-    "connack",
-    "suback",
-    "create_certificate",
-    "register_thing",
-    "onboarding",
-    "shadow_update",
-    "delta_delivery",
-    "desired_to_reported",
-)
 STEP_LABELS = {
     "tcp_connect": "TCP connect",
     "tls_handshake": "mutual-TLS handshake",
@@ -112,8 +99,7 @@ def _steps_table(report: Report) -> Table:
     table = Table(title="Every step, measured (ms)")
     for column in ("step", "count", "p50", "p90", "p99", "max"):
         table.add_column(column, justify="left" if column == "step" else "right")
-    ordered = [s for s in STEP_ORDER if s in report.steps]
-    ordered += [s for s in report.steps if s not in STEP_ORDER]
+    ordered = in_step_order(report.steps)
     for step in ordered:
         s = report.steps[step]
         table.add_row(

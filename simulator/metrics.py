@@ -29,6 +29,27 @@ from array import array
 from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
+#: Steps in the order a device lives them, for tables; steps not named here follow.
+STEP_ORDER = (
+    "ceiling_connect",
+    "tcp_connect",
+    "tls_handshake",
+    "connack",
+    "suback",
+    "create_certificate",
+    "register_thing",
+    "onboarding",
+    "shadow_update",
+    "delta_delivery",
+    "desired_to_reported",
+    "reconnect",
+)
+
+
+def in_step_order(steps: Iterable[str]) -> list[str]:
+    present = list(steps)
+    return [s for s in STEP_ORDER if s in present] + [s for s in present if s not in STEP_ORDER]
+
 
 def percentile(sorted_values: Sequence[float], p: float) -> float:
     """The nearest-rank p-th percentile (0 < p <= 100) of values sorted in ascending order."""

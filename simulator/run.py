@@ -38,7 +38,7 @@ from broker.mqtt import tls_context as service_tls
 from broker.pki import PkiPaths
 from broker.stack import Stack
 from simulator.ceiling import STEP as CEILING_STEP
-from simulator.metrics import Recorder
+from simulator.metrics import Recorder, in_step_order
 from simulator.plots import write_plots
 from simulator.scenario import Scenario
 from simulator.virtual_device import SENT_AT_KEY, Target
@@ -57,19 +57,6 @@ SERVICE_DEPTHS = (
     "provisioning_in_pool",
     "replies_queued",
     "replies_in_flight",
-)
-STEP_ORDER = (
-    CEILING_STEP,
-    "tcp_connect",
-    "tls_handshake",
-    "connack",
-    "suback",
-    "create_certificate",
-    "register_thing",
-    "onboarding",
-    "shadow_update",
-    "delta_delivery",
-    "reconnect",
 )
 
 
@@ -454,7 +441,7 @@ def print_report(report: dict[str, Any], console: Console) -> None:
     for column in ("step", "count", "rate/s", "p50", "p90", "p99", "max"):
         table.add_column(column, justify="left" if column == "step" else "right")
     steps = report["steps"]
-    for step in [s for s in STEP_ORDER if s in steps] + [s for s in steps if s not in STEP_ORDER]:
+    for step in in_step_order(steps):
         s = steps[step]
         table.add_row(
             step,
