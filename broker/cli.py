@@ -103,11 +103,11 @@ def cmd_down(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _service_client(args: argparse.Namespace, state: RunningState, purpose: str):
+def _service_client(args: argparse.Namespace, host: str, port: int, purpose: str):
     pki = PkiPaths(args.dir.resolve())
     return connect(
-        state.host,
-        state.port,
+        host,
+        port,
         context=tls_context(pki.ca_cert, pki.service_cert, pki.service_key),
         client_id=f"fleet-{purpose}-{os.getpid()}",
         timeout=5,
@@ -125,7 +125,7 @@ def _sys_values(
         if all(t in values for t in topics):
             got.set()
 
-    client = _service_client(args, state, "status")
+    client = _service_client(args, state.host, state.port, "status")
     client.on_message = on_message
     for topic in topics:
         client.subscribe(topic)
@@ -162,21 +162,31 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     for record in revoked:
         owner = f"thing {record.thing_name}" if record.thing_name else record.role.value
         print(f"revoked certificate {record.id[:16]}… ({owner})")
+    # From here the plugin's registry check at CONNECT refuses them; what is left is to
+    # disconnect live connections and have Mosquitto read the new CRL.
     state = RunningState.read(RunFiles(_config(args).run_dir))
-    if state is None or not pid_alive(state.mosquitto_pid):
+    local = state is not None and pid_alive(state.mosquitto_pid)
+    if args.endpoint is None and not local:
         print(
-            "broker not running: the registry and the CRL refuse these certificates "
-            "from its next start"
+            "no broker running from this folder: new connections with them are refused by the "
+            "registry, and the CRL refuses them at the next broker start. A broker running "
+            "elsewhere (a container): add --endpoint HOST to disconnect live connections"
         )
         return EXIT_OK
-    from agent import wire
-
-    client = _service_client(args, state, "revoke")
+    host, port = (args.endpoint, args.port) if args.endpoint else (state.host, state.port)
+    client = _service_client(args, host, port, "revoke")
     payload = "\n".join(f"kick-certificate {r.id}" for r in revoked)
     client.publish(wire.CONTROL_TOPIC, payload, qos=1).wait_for_publish(5)
     disconnect(client)
-    os.kill(state.mosquitto_pid, signal.SIGHUP)  # reload the CRL for new TLS handshakes
-    print("disconnected any live connection using them; the broker is reloading the CRL")
+    if args.endpoint is None:
+        os.kill(state.mosquitto_pid, signal.SIGHUP)  # reload the CRL for new TLS handshakes
+        print("disconnected any live connection using them; the broker is reloading the CRL")
+    else:
+        print(
+            f"disconnected any live connection using them at {host}:{port}; the registry "
+            "refuses them from now on. That broker reads the new CRL at its next reload "
+            "(SIGHUP; in docker compose: docker compose kill -s HUP broker)"
+        )
     return EXIT_OK
 
 
@@ -260,7 +270,7 @@ def cmd_shadow(args: argparse.Namespace) -> int:
                 got.set()
 
     subscribed = threading.Event()
-    client = _service_client(args, state, "shadow")
+    client = _service_client(args, state.host, state.port, "shadow")
     client.on_message = on_message
     client.on_subscribe = lambda *_: subscribed.set()
     # Subscribe to the replies before publishing, or the answer may be lost.
@@ -334,6 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("revoke", cmd_revoke, "revoke a thing's certificates or one certificate, at once")
     p.add_argument("target", help="thing name, certificate id, or a unique id prefix (8+ hex)")
+    p.add_argument(
+        "--endpoint",
+        help="the broker to disconnect them at, when it does not run from this folder here "
+        "(a container sharing the folder); default: the local fleet-broker up",
+    )
+    p.add_argument("--port", type=int, default=8883, help="its port (default 8883)")
 
     add("things", cmd_things, "list registered things")
     add("certs", cmd_certs, "list registered certificates with role and status")

@@ -25,7 +25,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--devices", type=int, default=20, help="fleet size (default 20)")
     demo.add_argument("--dir", type=Path, help="work folder (default: a new temp folder)")
-    demo.add_argument("--port", type=int, help="broker port (default: a free one)")
+    demo.add_argument(
+        "--port", type=int, help="broker port (default: a free one; 8883 with --endpoint)"
+    )
+    demo.add_argument(
+        "--endpoint",
+        help="a broker side that runs already (docker compose's), instead of starting one",
+    )
+    demo.add_argument(
+        "--pki",
+        type=Path,
+        metavar="DIR",
+        help="with --endpoint: that side's fleet-broker --dir folder (CA certificate, claim "
+        "and service identities; CA key and registry for the revocation)",
+    )
+    demo.add_argument(
+        "--agent-control",
+        type=Path,
+        metavar="SOCKET",
+        help="with --endpoint: use the fleet-agent running with this control socket instead "
+        "of starting one",
+    )
 
     run = sub.add_parser(
         "run",
@@ -96,6 +116,28 @@ def cmd_run(args: object, console: Console) -> int:
     return 0 if complete and not report["interrupted"] else 1
 
 
+def demo_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with `fleet-sim demo`'s options, if anything."""
+    if not 2 <= args.devices <= 2000:
+        return "--devices must be between 2 and 2000"
+    if args.port is not None and not 1 <= args.port <= 65535:
+        return "--port must be between 1 and 65535"
+    if args.endpoint is None:
+        used = [o for o, v in (("--pki", args.pki), ("--agent-control", args.agent_control)) if v]
+        if used:
+            verb = "apply" if len(used) > 1 else "applies"
+            return f"{' and '.join(used)} {verb} only with --endpoint (a running broker side)"
+        return None
+    if args.pki is None:
+        return (
+            "--endpoint needs --pki DIR, the broker side's fleet-broker --dir folder "
+            "(the demo connects as the service identity and revokes a device there)"
+        )
+    if not args.pki.is_dir():
+        return f"--pki {args.pki}: no such folder (the broker side's fleet-broker --dir folder)"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "locust":
@@ -109,13 +151,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         except BrokenPipeError:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
-    if not 2 <= args.devices <= 2000:
-        print("fleet-sim: error: --devices must be between 2 and 2000", file=sys.stderr)
+    problem = demo_problem(args)
+    if problem:
+        print(f"fleet-sim: error: {problem}", file=sys.stderr)
         return 2
-    from simulator.demo import print_report, run_demo
+    from simulator.demo import print_report, run_demo, run_demo_against
 
     try:
-        report = run_demo(args.devices, args.dir, args.port, console)
+        if args.endpoint:
+            report = run_demo_against(
+                args.devices,
+                args.endpoint,
+                args.port or 8883,
+                args.pki,
+                args.agent_control,
+                args.dir,
+                console,
+            )
+        else:
+            report = run_demo(args.devices, args.dir, args.port, console)
     except (BrokerError, ConfigError, PkiError, ConnectError) as exc:
         print(f"fleet-sim: error: {exc}", file=sys.stderr)
         return 1

@@ -11,6 +11,12 @@ Everything runs on the real code paths, on this machine:
    reported;
 4. the attacks the plugin exists to stop, and the revocation of one device;
 5. everything it started is stopped, and the report says what happened and how long it took.
+
+With ``--endpoint`` the broker side runs already (docker compose's broker and services
+containers): step 1 is skipped, the demo reads the CA certificate, the claim and service
+identities (and, for the revocation, the CA key and registry) from that side's folder, and
+with ``--agent-control`` it uses a fleet-agent that runs already, known by its control socket.
+Steps 2-5 are the same code.
 """
 
 from __future__ import annotations
@@ -18,12 +24,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import resource
+import secrets
 import signal
 import ssl
 import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -31,23 +39,24 @@ from rich.console import Console
 
 from agent.session import tls_context
 from broker import bootstrap
-from broker.config import BrokerConfig, load_config
+from broker.config import load_config
 from broker.mosquitto import check_port_free, free_port
-from broker.pki import PkiPaths
+from broker.pki import PkiError, PkiPaths
 from broker.stack import Stack
 from simulator import demo_attacks
-from simulator.demo_agent import AgentProcess
+from simulator.demo_agent import AgentProcess, DemoAgent, RunningAgent
 from simulator.demo_operator import Operator
 from simulator.demo_report import Report, print_report
 from simulator.metrics import Recorder
 from simulator.virtual_device import SENT_AT_KEY, Counters, Target, VirtualDevice
 
-__all__ = ["Report", "print_report", "run_demo"]
+__all__ = ["Report", "print_report", "run_demo", "run_demo_against"]
 
 CONCURRENCY = 16  # onboardings in flight: a factory line, not a stampede
 ATTEMPTS = 3  # per device, as the simulator's workers retry
 UPDATES_PER_DEVICE = 2
 AGENT_TIMEOUT = 30.0  # until the fleet-agent process has onboarded and reported
+RUNNING_AGENT_TIMEOUT = 90.0  # one in another container may still be starting
 DESIRED_TIMEOUT = 10.0
 HOST = "127.0.0.1"  # in the broker certificate; the demo's broker listens only there
 
@@ -72,6 +81,23 @@ def _raise_open_file_limit(devices: int) -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (ceiling, hard))
 
 
+@dataclass(frozen=True)
+class BrokerSide:
+    """Where the fleet connects and what the demo holds of the broker side."""
+
+    host: str
+    port: int
+    # Its `fleet-broker --dir` folder: the CA certificate, the claim and service identities,
+    # and for the revocation the CA key and the registry.
+    pki: PkiPaths
+    # SIGHUP to Mosquitto, so new handshakes see the CRL; None when the broker runs out of
+    # reach (another container): the plugin's registry check at CONNECT refuses meanwhile.
+    reload_crl: Callable[[], None] | None
+    # Virtual devices' serial numbers start with it: an existing registry may hold the
+    # things of an earlier run, and a live thing's name cannot be claimed again.
+    serial_prefix: str = ""
+
+
 def run_demo(devices: int, folder: Path | None, port: int | None, console: Console) -> Report:
     """Run the whole demo; BrokerError/ConfigError/PkiError/ConnectError if the broker side
     cannot be set up (the command line turns them into one line)."""
@@ -93,12 +119,66 @@ def run_demo(devices: int, folder: Path | None, port: int | None, console: Conso
     console.print(f"[bold]mqtt-fleet demo[/] in {workdir}: broker side on {report.endpoint}")
     agent = AgentProcess(workdir / "fleet-agent", pki, HOST, port, serial="0000", model="gateway")
     _timed(report, "broker + services up (fleet-broker up)", stack.start)  # stops itself on error
+    side = BrokerSide(HOST, port, pki, stack.broker.reload)
     try:
-        asyncio.run(_fleet(report, pki, config, stack, agent, devices, console))
+        asyncio.run(_fleet(report, side, agent, devices, console))
     finally:
         with _interrupt_deferred():
             agent.stop()  # already stopped unless interrupted
             _timed(report, "stop everything", stack.stop)
+    return report
+
+
+# What the demo reads from a running broker side's folder, and why.
+_NEEDED_FILES = {
+    "ca_cert": "the CA certificate every connection verifies the broker with",
+    "claim_cert": "the claim certificate the fleet onboards with",
+    "claim_key": "the claim key",
+    "service_cert": "the service identity the operator acts with",
+    "service_key": "the service identity's key",
+    "ca_key": "the CA key, to publish a CRL when the demo revokes a device",
+    "registry": "the registry, where the demo revokes a device",
+}
+
+
+def run_demo_against(
+    devices: int,
+    endpoint: str,
+    port: int,
+    pki_root: Path,
+    agent_socket: Path | None,
+    folder: Path | None,
+    console: Console,
+) -> Report:
+    """The demo against a broker side that runs already (docker compose's), as the operator
+    on that side: ``pki_root`` is its `fleet-broker --dir` folder. With ``agent_socket`` the
+    fleet-agent runs already too; without, the demo starts one here against the endpoint."""
+    pki = PkiPaths(pki_root)
+    for attribute, why in _NEEDED_FILES.items():
+        path = getattr(pki, attribute)
+        if not path.is_file():
+            raise PkiError(
+                f"{path} is missing ({why}): --pki must name the broker side's folder, "
+                "as made by fleet-broker init"
+            )
+    report = Report(devices=devices, endpoint=f"mqtts://{endpoint}:{port}", external=True)
+    _raise_open_file_limit(devices)
+    agent: DemoAgent
+    if agent_socket is not None:
+        agent = RunningAgent(agent_socket)
+    else:
+        report.workdir = folder or Path(tempfile.mkdtemp(prefix="fleet-demo-"))
+        report.workdir.mkdir(parents=True, exist_ok=True)
+        agent = AgentProcess(
+            report.workdir / "fleet-agent", pki, endpoint, port, serial="0000", model="gateway"
+        )
+    console.print(f"[bold]mqtt-fleet demo[/] against the broker side on {report.endpoint}")
+    side = BrokerSide(endpoint, port, pki, None, serial_prefix=f"{secrets.token_hex(3)}-")
+    try:
+        asyncio.run(_fleet(report, side, agent, devices, console))
+    finally:
+        with _interrupt_deferred():
+            agent.stop()  # already stopped unless interrupted, or not ours
     return report
 
 
@@ -123,23 +203,18 @@ def _interrupt_deferred() -> Iterator[None]:
 
 
 async def _fleet(
-    report: Report,
-    pki: PkiPaths,
-    config: BrokerConfig,
-    stack: Stack,
-    agent: AgentProcess,
-    devices: int,
-    console: Console,
+    report: Report, side: BrokerSide, agent: DemoAgent, devices: int, console: Console
 ) -> None:
     recorder = Recorder(time.time())
-    target = Target(HOST, config.port, pki.ca_cert, timeout=10.0)
+    pki = side.pki
+    target = Target(side.host, side.port, pki.ca_cert, timeout=10.0)
     claim_context = tls_context(pki.ca_cert, pki.claim_cert, pki.claim_key)
-    operator = Operator(pki, HOST, config.port)
+    operator = Operator(pki, side.host, side.port)
     await asyncio.to_thread(operator.start)
     counters = Counters()
     fleet = [
         VirtualDevice(
-            f"{i:04d}",
+            f"{side.serial_prefix}{i:04d}",
             target,
             claim_context,
             recorder,
@@ -166,7 +241,7 @@ async def _fleet(
 
         started = time.perf_counter()
         console.print("attacks and a revocation …")
-        await _attacks(report, target, claim_context, online, agent, agent_thing, operator, stack)
+        await _attacks(report, side, target, claim_context, online, agent, agent_thing, operator)
         report.timings["attacks + revocation"] = time.perf_counter() - started
     finally:
         started = time.perf_counter()
@@ -177,7 +252,7 @@ async def _fleet(
         summary = recorder.summary()
         report.steps = summary["steps"]
         report.errors = summary["errors"]
-    if agent.process is not None:
+    if agent.owned and agent.process is not None:
         report.check(
             "the fleet-agent process stops cleanly on SIGTERM",
             code == 0,
@@ -213,7 +288,7 @@ async def _onboard_one(device: VirtualDevice, limit: asyncio.Semaphore) -> bool:
 async def _onboard(
     report: Report,
     recorder: Recorder,
-    agent: AgentProcess,
+    agent: DemoAgent,
     fleet: list[VirtualDevice],
     operator: Operator,
     started: float,
@@ -252,29 +327,33 @@ async def _onboard(
 
 
 async def _agent_online(
-    report: Report, agent: AgentProcess, operator: Operator, started: float
+    report: Report, agent: DemoAgent, operator: Operator, started: float
 ) -> tuple[str | None, str | None]:
-    """Until the agent process has its thing and its first report reached the shadow."""
-    deadline = started + AGENT_TIMEOUT
+    """Until the agent has its thing and its first report reached the shadow."""
+    timeout = AGENT_TIMEOUT if agent.owned else RUNNING_AGENT_TIMEOUT
+    deadline = started + timeout
     thing = None
     while thing is None:
-        thing = agent.thing()
+        thing = await asyncio.to_thread(agent.thing)
         if thing is not None:
             break
         if agent.exit_code() is not None:
             return None, f"exited ({agent.exit_code()}): {agent.log_tail()}"
         if time.perf_counter() > deadline:
-            return None, f"not provisioned within {AGENT_TIMEOUT:.0f} s: {agent.log_tail()}"
-        await asyncio.sleep(0.05)
+            return None, f"not provisioned within {timeout:.0f} s: {agent.log_tail()}"
+        await asyncio.sleep(0.05 if agent.owned else 0.5)
     report.onboarding["agent_thing"] = thing
+    report.onboarding["agent_owned"] = agent.owned
     report.onboarding["agent_provisioned_s"] = time.perf_counter() - started
     try:
-        # Device facts are the agent's first report once it runs as its thing.
+        # Device facts are the agent's first report once it runs as its thing. One that ran
+        # before the operator connected reported already: its shadow holds them.
+        operator.fetch(thing)
         arrived = await operator.wait_reported(
             thing, lambda reported: "device" in reported, max(0.1, deadline - time.perf_counter())
         )
     except asyncio.TimeoutError:
-        return thing, f"no shadow report within {AGENT_TIMEOUT:.0f} s: {agent.log_tail()}"
+        return thing, f"no shadow report within {timeout:.0f} s: {agent.log_tail()}"
     report.onboarding["agent_reported_s"] = arrived - started
     return thing, None
 
@@ -350,13 +429,13 @@ async def _shadow(
 
 async def _attacks(
     report: Report,
+    side: BrokerSide,
     target: Target,
     claim_context: ssl.SSLContext,
     online: list[VirtualDevice],
-    agent: AgentProcess,
+    agent: DemoAgent,
     agent_thing: str | None,
     operator: Operator,
-    stack: Stack,
 ) -> None:
     if not online or agent_thing is None:
         report.check(
@@ -369,6 +448,4 @@ async def _attacks(
     await demo_attacks.impostor(report, target, attacker, agent, agent_thing)
     await demo_attacks.device_overreach(report, attacker, agent_thing)
     await demo_attacks.claim_overreach(report, target, claim_context, agent_thing)
-    await demo_attacks.revocation(
-        report, target, victim, operator, stack.pki.root, stack.broker.reload
-    )
+    await demo_attacks.revocation(report, target, victim, operator, side.pki.root, side.reload_crl)

@@ -1,9 +1,11 @@
 """One real edge agent in the demo: a `fleet-agent run` process, as a device would run it.
 
-It gets the same files a factory image would hold (the CA and the shared claim certificate)
-and a config written here; it makes its own key and CSR, onboards, then keeps its shadow in
-sync, echoing desired configuration as reached (``unhandled = "echo"``). The demo asks it how
-it is through its control socket, the way `fleet-agent status` does.
+Either the demo starts it (AgentProcess): it gets the same files a factory image would hold
+(the CA and the shared claim certificate) and a config written here; it makes its own key and
+CSR, onboards, then keeps its shadow in sync, echoing desired configuration as reached
+(``unhandled = "echo"``). Or it runs already, in another container (RunningAgent), and the demo
+reaches only its control socket. Either way the demo asks it how it is through that socket,
+the way `fleet-agent status` does.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import agent
 from agent import control
@@ -33,7 +35,22 @@ def _toml_string(value: object) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+class DemoAgent(Protocol):
+    """What the demo needs of its fleet-agent, started by it or not."""
+
+    owned: bool
+
+    def start(self) -> None: ...
+    def exit_code(self) -> int | None: ...
+    def thing(self) -> str | None: ...
+    def status(self) -> dict[str, Any] | None: ...
+    def log_tail(self, lines: int = 4) -> str: ...
+    def stop(self, timeout: float = 15.0) -> int | None: ...
+
+
 class AgentProcess:
+    owned = True  # the demo started it, and stops it
+
     def __init__(
         self, folder: Path, pki: PkiPaths, host: str, port: int, *, serial: str, model: str
     ) -> None:
@@ -95,12 +112,7 @@ class AgentProcess:
 
     def status(self) -> dict[str, Any] | None:
         """The running agent's own view (state, connections made, ...), or None."""
-        try:
-            answer = control.call(self.state / control.SOCKET_NAME, {"op": "status"}, timeout=5)
-        except control.ControlError:
-            return None
-        status = answer.get("status")
-        return status if isinstance(status, dict) else None
+        return RunningAgent(self.state / control.SOCKET_NAME).status()
 
     def log_tail(self, lines: int = 4) -> str:
         return last_lines(self.log, lines).replace("\n", " | ")
@@ -120,3 +132,44 @@ class AgentProcess:
                 process.wait()
                 return None
         return process.returncode
+
+
+class RunningAgent:
+    """A fleet-agent the demo did not start, known by its control socket only.
+
+    The socket answers once the agent has onboarded and runs as its thing; before that (or if
+    the agent is not running at all) there is nothing to ask, and the demo waits.
+    """
+
+    owned = False
+
+    def __init__(self, socket_path: Path) -> None:
+        self.socket_path = socket_path
+        self.process = None
+        self._last_problem = "no answer yet"
+
+    def start(self) -> None:
+        """Nothing to start: it runs on its own."""
+
+    def exit_code(self) -> int | None:
+        return None  # out of sight: a stopped agent shows as one that does not answer
+
+    def thing(self) -> str | None:
+        status = self.status()
+        thing = status.get("thing") if status else None
+        return thing if isinstance(thing, str) else None
+
+    def status(self) -> dict[str, Any] | None:
+        try:
+            answer = control.call(self.socket_path, {"op": "status"}, timeout=5)
+        except control.ControlError as exc:
+            self._last_problem = str(exc)
+            return None
+        status = answer.get("status")
+        return status if isinstance(status, dict) else None
+
+    def log_tail(self, lines: int = 4) -> str:
+        return f"its control socket: {self._last_problem} (see the agent's own log)"
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        return None  # not ours to stop

@@ -3,8 +3,10 @@
 It changes desired state through the Device Shadow service (an ordinary update request; the
 plugin stamps it as the service's) and watches every ``/update/documents`` message, which only
 the thing's own device and the service identity may receive. That is how it sees, without
-asking any device, when a desired change has come back as reported state. It also sends the
-plugin's kick command when the demo revokes a device, as ``fleet-broker revoke`` does.
+asking any device, when a desired change has come back as reported state. A device that
+reported before the operator connected (a fleet-agent already running in another container)
+is read with a shadow get. It also sends the plugin's kick command when the demo revokes a
+device, as ``fleet-broker revoke`` does.
 
 paho runs its own network thread; the asyncio side waits on futures resolved thread-safely.
 """
@@ -39,12 +41,13 @@ class _Waiter:
 
 class Operator:
     def __init__(self, pki: PkiPaths, host: str, port: int) -> None:
-        self.pki = pki
+        self.pki = pki  # the service identity's certificate and key
         self.host = host
         self.port = port
         self._loop = asyncio.get_running_loop()
         self._lock = threading.Lock()
         self._reported: dict[str, Reported] = {}  # thing -> last reported state seen
+        self._versions: dict[str, int] = {}  # thing -> shadow version of that state
         self._waiters: list[_Waiter] = []
         self._client: mqtt.Client | None = None
         self._sequence = 0
@@ -63,7 +66,8 @@ class Operator:
         subscribed = threading.Event()
         self._client.on_subscribe = lambda *_: subscribed.set()
         # `+` may stand for the thing: the first level is the explicit `$aws`.
-        self._client.subscribe(wire.shadow_documents("+"), qos=1)
+        got = wire.reply(wire.shadow_topic("+", "get"), "accepted")
+        self._client.subscribe([(wire.shadow_documents("+"), 1), (got, 1)])
         if not subscribed.wait(10):
             raise ConnectError("the broker did not acknowledge the operator's subscription")
 
@@ -79,6 +83,13 @@ class Operator:
         self._sequence += 1
         request = {"state": {"desired": desired}, "clientToken": f"demo-{self._sequence}"}
         self._client.publish(wire.shadow_topic(thing, "update"), json.dumps(request), qos=1)
+
+    def fetch(self, thing: str) -> None:
+        """Ask for ``thing``'s shadow: its reported state arrives like a document's."""
+        assert self._client is not None
+        self._sequence += 1
+        request = {"clientToken": f"demo-{self._sequence}"}
+        self._client.publish(wire.shadow_topic(thing, "get"), json.dumps(request), qos=1)
 
     def kick(self, certificate_ids: Iterable[str]) -> None:
         """Ask the plugin to disconnect live connections using these certificates."""
@@ -114,10 +125,16 @@ class Operator:
         thing = message.topic.split("/")[2]
         try:
             document = json.loads(message.payload)
-            reported = document["current"]["state"].get("reported") or {}
+            # /update/documents holds "current"; /get/accepted is the state itself.
+            current = document.get("current", document)
+            reported = current["state"].get("reported") or {}
+            version = int(current["version"])
         except (ValueError, KeyError, TypeError, AttributeError):
             return
         with self._lock:
+            if version < self._versions.get(thing, -1):
+                return  # a get's answer overtaken by a newer document
+            self._versions[thing] = version
             self._reported[thing] = reported
             for waiter in list(self._waiters):
                 if waiter.thing == thing and waiter.predicate(reported):

@@ -41,6 +41,7 @@ class Report:
     devices: int = 0
     workdir: Path | None = None
     endpoint: str = ""
+    external: bool = False  # against a broker side that ran already (--endpoint)
     checks: list[Check] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # phase -> seconds
     steps: dict[str, dict[str, Any]] = field(default_factory=dict)  # Recorder.summary() steps
@@ -85,12 +86,19 @@ def _onboarding_table(report: Report) -> Table:
             )
             + f", max {format_ms(onboarding['max_ms'])}",
         )
-    if o.get("agent_thing"):
+    if o.get("agent_thing") and o.get("agent_owned", True):
         table.add_row(
             "fleet-agent process",
             f"thing {o['agent_thing']}: provisioned {o.get('agent_provisioned_s', 0):.2f} s, "
             f"first shadow report {o.get('agent_reported_s', 0):.2f} s after start "
             "(both include the interpreter's start-up)",
+        )
+    elif o.get("agent_thing"):
+        table.add_row(
+            "fleet-agent (running already)",
+            f"thing {o['agent_thing']}: online {o.get('agent_provisioned_s', 0):.2f} s, its "
+            f"device facts in the shadow {o.get('agent_reported_s', 0):.2f} s after the demo "
+            "began",
         )
     return table
 
@@ -149,7 +157,11 @@ def print_report(report: Report, console: Console) -> None:
         console.print(_errors_table(report))
     console.print(_checks_table(report))
     console.print(_timings_table(report))
-    if report.workdir is not None:
+    if report.workdir is not None and report.external:
+        console.print(
+            f"work folder {report.workdir}: the agent's config, state and log in fleet-agent/"
+        )
+    elif report.workdir is not None:
         console.print(
             f"work folder {report.workdir}: PKI and registry in certs/, broker and services logs "
             "in certs/run/, the agent's config, state and log in fleet-agent/"

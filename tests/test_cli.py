@@ -516,6 +516,41 @@ def test_revoke_disconnects_a_live_device_and_refuses_it_after(certs: Path, work
                 retry.stop()
 
 
+def test_revoke_reaches_a_broker_that_runs_elsewhere(certs: Path, workdir: Path) -> None:
+    """docker compose: the broker runs in another container, sharing only the folder. Without
+    a local run state, --endpoint disconnects the device there; no SIGHUP is possible, so the
+    registry check at CONNECT is what refuses it from then on."""
+    thing = "sensor-0002"
+    cert_path, key_path, _ = make_device(certs, workdir, thing)
+    with fleet_up(certs) as up:
+        state_file = certs / "run" / "fleet-broker.json"
+        hidden = state_file.with_name("elsewhere.json")
+        state_file.rename(hidden)  # as seen from another container: no broker runs here
+        device = Device(certs, cert_path, key_path, thing).start(up.port)
+        retry: Device | None = None
+        try:
+            assert device.accepted, f"device refused before revocation: {device.connack}"
+            result = cli(certs, "revoke", thing, "--endpoint", "127.0.0.1", "--port", str(up.port))
+            assert result.returncode == 0, result.stderr
+            assert "disconnected" in result.stdout and "HUP" in result.stdout, result.stdout
+            assert device.disconnected.wait(2), "revoked device still connected"
+            retry = Device(certs, cert_path, key_path, thing)
+            with contextlib.suppress(OSError, ssl.SSLError):
+                retry.start(up.port)
+            assert not retry.accepted, "a revoked device reconnected before any CRL reload"
+
+            other = "sensor-0003"
+            make_device(certs, workdir, other)
+            told = cli(certs, "revoke", other)  # no --endpoint, no local broker: says what to do
+            assert told.returncode == 0, told.stderr
+            assert "--endpoint" in told.stdout, told.stdout
+        finally:
+            hidden.rename(state_file)
+            device.stop()
+            if retry is not None:
+                retry.stop()
+
+
 def test_templates_lists_the_default_and_names_a_broken_file(certs: Path) -> None:
     listed = cli(certs, "templates")
     assert listed.returncode == 0, listed.stderr

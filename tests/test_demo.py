@@ -179,3 +179,31 @@ def test_ctrl_c_stops_everything_without_a_traceback(workdir: Path) -> None:
     assert process.returncode == 130, err
     assert "Traceback" not in err
     assert processes_using(workdir) == []
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        (["--pki", "/nonexistent"], "--pki applies only with --endpoint"),
+        (["--agent-control", "/run/x.sock"], "--agent-control applies only with --endpoint"),
+        (["--endpoint", "broker"], "--endpoint needs --pki"),
+        (["--endpoint", "broker", "--pki", "/nonexistent"], "--pki /nonexistent: no such folder"),
+        (["--devices", "1"], "--devices must be between 2 and 2000"),
+    ],
+)
+def test_bad_demo_options_are_one_line(options: list[str], named: str) -> None:
+    result = demo(*options)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and named in lines[0], lines
+
+
+def test_a_broker_side_folder_without_the_operator_files_is_one_line(workdir: Path) -> None:
+    """--pki naming a device's files only (ca + claim) instead of the broker side's folder."""
+    for name in ("ca.pem", "claim.pem", "claim.key"):
+        (workdir / name).write_text("")
+    result = demo("--endpoint", "localhost", "--pki", str(workdir))
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "service.pem is missing" in lines[0], lines
+    assert "fleet-broker init" in lines[0]
