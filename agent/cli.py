@@ -356,7 +356,7 @@ def cmd_renew(args: argparse.Namespace) -> int:
     if lock.held_elsewhere():
         try:
             control.call(
-                keystore.root / control.SOCKET_NAME,
+                config.agent.socket_path,
                 {"op": "renew", "wait": args.wait},
                 timeout=args.wait + 10,
             )
@@ -406,11 +406,11 @@ def cmd_shadow(args: argparse.Namespace) -> int:
 
     lock = InstanceLock(keystore.root)
     if lock.held_elsewhere():
-        return _shadow_via_daemon(keystore, args, shadow, patch)
+        return _shadow_via_daemon(config, args, shadow, patch)
     try:
         lock.acquire()
     except AlreadyRunning:  # started meanwhile
-        return _shadow_via_daemon(keystore, args, shadow, patch)
+        return _shadow_via_daemon(config, args, shadow, patch)
     try:
         return _shadow_one_shot(Device(config, keystore, provisioned), args, shadow, patch)
     finally:
@@ -426,9 +426,9 @@ def _print_shadow(document: object, shadow: str | None) -> int:
 
 
 def _shadow_via_daemon(
-    keystore: Keystore, args: argparse.Namespace, shadow: str | None, patch: dict[str, object]
+    config: AgentConfig, args: argparse.Namespace, shadow: str | None, patch: dict[str, object]
 ) -> int:
-    socket_path = keystore.root / control.SOCKET_NAME
+    socket_path = config.agent.socket_path
     request: dict[str, object] = {"op": args.shadow_command, "shadow": shadow}
     if args.shadow_command == "report":
         request.update(patch=patch, wait=args.wait)
@@ -532,6 +532,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     print(f"{config.path}: OK")
     print(f"  broker   {config.broker.endpoint}:{config.broker.port} (CA {config.broker.ca_file})")
     print(f"  device   {identity}; state in {keystore.root}")
+    print(f"  control  socket {config.agent.socket_path}")
     print(
         f"  shadows  {shadows}; handlers on: {handled}; unhandled keys: {config.shadow.unhandled}"
     )
@@ -547,7 +548,11 @@ def _ago(stamp: object) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     config, keystore = _load(args)
     provisioned = _provisioned(keystore, create=False)
-    report: dict[str, object] = {"state_dir": str(keystore.root), "provisioned": False}
+    report: dict[str, object] = {
+        "state_dir": str(keystore.root),
+        "control_socket": str(config.agent.socket_path),
+        "provisioned": False,
+    }
     if provisioned is not None:
         certificate = keystore.load_certificate()
         report.update(
@@ -564,9 +569,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     report["agent"] = "running" if running else "not running"
     if running:
         try:
-            report["runtime"] = control.call(keystore.root / control.SOCKET_NAME, {"op": "status"})[
-                "status"
-            ]
+            report["runtime"] = control.call(config.agent.socket_path, {"op": "status"})["status"]
         except control.ControlError as exc:
             report["runtime_error"] = str(exc)
     else:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from agent import wire
+from agent.control import SOCKET_NAME
 from agent.handlers import UNHANDLED_POLICIES, Unhandled
 from agent.keystore import DEFAULT_STATE_DIR, KEY_TYPES, KeyType
 from agent.provisioning import DEFAULT_COMMON_NAME, DEFAULT_TEMPLATE
@@ -28,6 +29,8 @@ else:  # pragma: no cover
 
 DEFAULT_CONFIG: Final = Path("/etc/fleet-agent/agent.toml")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+# sockaddr_un.sun_path is 108 bytes on Linux, one of them the terminating NUL.
+MAX_SOCKET_PATH: Final = 107
 
 
 class ConfigError(Exception):
@@ -67,6 +70,13 @@ class AgentSection:
     state_dir: Path = DEFAULT_STATE_DIR
     log_level: str = "warning"
     keepalive: int = 60  # seconds; a dead link is noticed after 1.5 times this
+    control_socket: Path | None = None  # None: <state_dir>/agent.sock
+
+    @property
+    def socket_path(self) -> Path:
+        """Where the running agent's control socket lives (``control_socket`` or
+        ``<state_dir>/agent.sock``)."""
+        return self.control_socket or self.state_dir / SOCKET_NAME
 
 
 @dataclass(frozen=True)
@@ -124,6 +134,7 @@ SCHEMA: Final[dict[str, dict[str, _Spec]]] = {
         "state_dir": ("path", False, str(DEFAULT_STATE_DIR)),
         "log_level": ("str", False, "warning"),
         "keepalive": ("int", False, 60),
+        "control_socket": ("path", False, ""),
     },
     "shadow": {
         "classic": ("bool", False, True),
@@ -335,6 +346,7 @@ def load_config(
 
     if isinstance(a["keepalive"], int) and not 5 <= a["keepalive"] <= 1200:
         problems.append(f"{path}: agent.keepalive must be between 5 and 1200 seconds")
+    control_socket = _control_socket(path, a["control_socket"], problems)
     sh = values["shadow"]
     names = sh["names"] if isinstance(sh["names"], list) else []
     for name in names:
@@ -410,7 +422,12 @@ def load_config(
             timeout=float(p["timeout"]),
             max_attempts=p["max_attempts"],
         ),
-        agent=AgentSection(state_dir=state_dir, log_level=a["log_level"], keepalive=a["keepalive"]),
+        agent=AgentSection(
+            state_dir=state_dir,
+            log_level=a["log_level"],
+            keepalive=a["keepalive"],
+            control_socket=control_socket,
+        ),
         shadow=ShadowSection(
             classic=sh["classic"],
             names=tuple(names),
@@ -430,6 +447,43 @@ def load_config(
             retry_cap=float(r["retry_cap"]),
         ),
     )
+
+
+def _control_socket(path: Path, value: object, problems: list[str]) -> Path | None:
+    """``agent.control_socket`` checked: absolute, short enough for a Unix socket, not
+    something else already, in a folder that exists or can be made (the agent creates a
+    missing one, 0700, at run). None: not set."""
+    if not isinstance(value, str) or not value:
+        return None
+    label = f"{path}: agent.control_socket"
+    socket_path = Path(value).expanduser()
+    if not socket_path.is_absolute():
+        problems.append(
+            f"{label} must be an absolute path, got {value!r} (e.g. /run/fleet-agent/agent.sock)"
+        )
+        return None
+    if len(os.fsencode(socket_path)) > MAX_SOCKET_PATH:
+        problems.append(
+            f"{label} {socket_path} is too long for a Unix socket (at most "
+            f"{MAX_SOCKET_PATH} bytes); pick a shorter path"
+        )
+    try:
+        if socket_path.is_dir():
+            problems.append(f"{label} {socket_path} is a folder; name the socket file in it")
+        elif socket_path.exists() and not socket_path.is_socket():
+            problems.append(
+                f"{label} {socket_path} exists and is not a socket (the agent would replace "
+                "it); pick another path"
+            )
+        folder = socket_path.parent
+        existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            problems.append(
+                f"{label}: {existing} is not a folder, so {folder} cannot be created there"
+            )
+    except OSError:
+        pass  # not ours to look into (another user's folder): the agent's own run tells
+    return socket_path
 
 
 def claim_file_problems(path: Path, certificate: Path, key: Path) -> list[str]:

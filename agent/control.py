@@ -2,14 +2,16 @@
 
 Only one connection per thing may exist at the broker (the client id is the thing name), so a
 command run at the device while the daemon is up must go through the daemon rather than connect
-itself. ``<state>/agent.sock`` is a Unix socket, mode 0600 inside the 0700 state folder: only
-the agent's own user (or root) can use it. One JSON line in, one JSON line out.
+itself. ``<state>/agent.sock`` (or ``agent.control_socket``) is a Unix socket, mode 0600 in a
+0700 folder: only the agent's own user (or root) can use it. One JSON line in, one JSON line
+out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -31,8 +33,20 @@ class ControlError(Exception):
 
 
 async def serve(path: Path, operations: dict[str, Operation]) -> asyncio.AbstractServer:
-    """Listen on ``path`` (a stale socket from a crash is replaced; the caller holds the
-    instance lock, so it cannot belong to a live agent)."""
+    """Listen on ``path``. A stale socket from a crash is replaced; one a live process still
+    answers on is not (another agent configured with the same ``control_socket``: the
+    instance lock covers the state folder only)."""
+    if path.is_socket():
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(1)
+            try:
+                probe.connect(str(path))
+            except OSError:
+                pass  # nobody listens: stale
+            else:
+                raise FileExistsError(
+                    errno.EADDRINUSE, "another running agent listens on it", str(path)
+                )
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
 

@@ -204,8 +204,17 @@ def control_operations(runtime: DeviceRuntime) -> dict[str, control.Operation]:
 async def serve_device(device: Device, stop: asyncio.Event) -> None:
     """The daemon: control socket + runtime until ``stop``. The caller holds the lock."""
     runtime = build_runtime(device)
-    socket_path = device.keystore.root / control.SOCKET_NAME
-    server = await control.serve(socket_path, control_operations(runtime))
+    socket_path = device.config.agent.socket_path
+    try:
+        # A missing folder is made private; an existing one (a volume, systemd's
+        # RuntimeDirectory=) keeps its mode. The socket itself is 0600 either way.
+        socket_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        server = await control.serve(socket_path, control_operations(runtime))
+    except OSError as exc:
+        raise SetupError(
+            f"cannot listen on the control socket {socket_path} (agent.control_socket): "
+            f"{exc.strerror or exc}"
+        ) from None
     try:
         await runtime.run(stop)
     finally:

@@ -188,3 +188,59 @@ def test_shadow_lists_can_be_overridden(folder: Path) -> None:
     assert config.shadow.shadows == (None, "config", "lights")
     found = problems(write(folder, MINIMAL + "[shadow]\nnames = [1]\n"))
     assert found == [f"{folder / 'agent.toml'}: shadow.names must be a list of strings, got [1]"]
+
+
+def test_control_socket_defaults_to_the_state_folder(folder: Path) -> None:
+    agent = load_config(write(folder, MINIMAL)).agent
+    assert agent.control_socket is None
+    assert agent.socket_path == DEFAULT_STATE_DIR / "agent.sock"
+    agent = load_config(write(folder, MINIMAL), ["agent.state_dir=/tmp/x"]).agent
+    assert agent.socket_path == Path("/tmp/x/agent.sock")
+
+
+def test_control_socket_can_live_outside_the_state_folder(folder: Path) -> None:
+    config = load_config(
+        write(folder, MINIMAL + '[agent]\ncontrol_socket = "/run/fleet-agent/agent.sock"\n')
+    )
+    assert config.agent.control_socket == Path("/run/fleet-agent/agent.sock")
+    assert config.agent.socket_path == Path("/run/fleet-agent/agent.sock")
+    # A folder that does not exist yet is fine: the agent creates it (0700) at run.
+    later = folder / "not" / "yet" / "agent.sock"
+    config = load_config(write(folder, MINIMAL), [f"agent.control_socket={later}"])
+    assert config.agent.socket_path == later
+    # Empty: the default.
+    config = load_config(write(folder, MINIMAL), ["agent.control_socket="])
+    assert config.agent.socket_path == DEFAULT_STATE_DIR / "agent.sock"
+
+
+def test_control_socket_must_be_an_absolute_path(folder: Path) -> None:
+    found = problems(write(folder, MINIMAL + '[agent]\ncontrol_socket = "run/agent.sock"\n'))
+    assert found == [
+        f"{folder / 'agent.toml'}: agent.control_socket must be an absolute path, got "
+        "'run/agent.sock' (e.g. /run/fleet-agent/agent.sock)"
+    ]
+
+
+def test_control_socket_problems_are_named(folder: Path) -> None:
+    path = write(folder, MINIMAL)
+    (folder / "plain").write_text("x")
+    assert (
+        "is a folder; name the socket file in it"
+        in problems(path, f"agent.control_socket={folder}")[0]
+    )
+    assert (
+        "exists and is not a socket"
+        in problems(path, f"agent.control_socket={folder / 'plain'}")[0]
+    )
+    assert (
+        f"{folder / 'plain'} is not a folder"
+        in problems(path, f"agent.control_socket={folder / 'plain' / 'sub' / 'agent.sock'}")[0]
+    )
+    assert (
+        "too long for a Unix socket"
+        in problems(path, f"agent.control_socket=/run/{'x' * 120}.sock")[0]
+    )
+    assert (
+        "must be a path (string)"
+        in problems(write(folder, MINIMAL + "[agent]\ncontrol_socket = 1\n"))[0]
+    )

@@ -181,6 +181,55 @@ def test_run_provisions_applies_desired_state_and_serves_the_shadow_commands(
     assert not (config.parent / "state" / "agent.sock").exists()
 
 
+def test_the_control_socket_can_live_outside_the_state_folder(fleet: Fleet) -> None:
+    """agent.control_socket: the commands at the device find the agent there, and the state
+    folder (the private key) need not be shared to reach it."""
+    socket_path = make_workdir() / "run" / "agent.sock"  # "run" does not exist yet
+    config = agent_config(fleet, "SN-SOCKET")
+    text = config.read_text().replace("[shadow]", f'control_socket = "{socket_path}"\n[shadow]')
+    config.write_text(text)
+    state = config.parent / "state"
+    daemon = start_agent_daemon(config)
+    try:
+        thing = thing_of(config)
+        wait_until(lambda: runtime_state(config) == "connected", what="running")
+        assert socket_path.stat().st_mode & 0o777 == 0o600
+        assert socket_path.parent.stat().st_mode & 0o777 == 0o700
+        assert not (state / "agent.sock").exists()
+
+        status = fleet_agent("status", "--config", str(config))
+        assert status.returncode == 0, status.stderr
+        assert "agent        running, connected since" in status.stdout
+        as_json = json.loads(fleet_agent("status", "--json", "--config", str(config)).stdout)
+        assert as_json["control_socket"] == str(socket_path)
+
+        proc = shadow_cmd(config, "report", "via=socket")
+        assert proc.returncode == 0, proc.stderr
+        proc = shadow_cmd(config, "get")
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["state"]["reported"]["via"] == "socket"
+        assert reported(fleet, thing)["via"] == "socket"
+
+        check = fleet_agent("config", "check", "--config", str(config))
+        assert f"control  socket {socket_path}" in check.stdout, check.stderr
+
+        # A second agent (its own state) given the same socket must not take it over.
+        other = agent_config(fleet, "SN-SOCKET-2")
+        other.write_text(
+            other.read_text().replace("[shadow]", f'control_socket = "{socket_path}"\n[shadow]')
+        )
+        second = fleet_agent("run", "--config", str(other))
+        assert second.returncode == 2, second.stderr
+        assert "another running agent listens on it" in second.stderr, second.stderr
+        assert "Traceback" not in second.stderr
+        assert fleet_agent("status", "--config", str(config)).returncode == 0
+    finally:
+        code, _ = stop_daemon(daemon)
+    assert code == 0
+    assert not socket_path.exists()
+    assert not (state / "agent.sock").exists()
+
+
 def test_the_agent_catches_up_after_a_broker_restart() -> None:
     with running_fleet(services=True) as fleet:
         config = agent_config(fleet, "SN-RESTART", shadow='unhandled = "echo"\n')
