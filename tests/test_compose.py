@@ -7,7 +7,8 @@
 - The same command lines, run natively against a real Mosquitto with the plugin (container
   paths mapped to a temp folder, the `broker` host name to localhost, port 8883 to a free
   one), do what the stack is for: init -> broker and services up (their health checks pass)
-  -> the agent provisions and syncs -> the simulator's run completes.
+  -> the agent provisions and syncs -> the demo passes every check, as scripts/demo does,
+  with that agent -> the measured simulator run completes.
 """
 
 from __future__ import annotations
@@ -40,8 +41,10 @@ from broker.config import load_config
 from broker.mosquitto import RunFiles, prepare_run_dir, render_conf
 from broker.pki import PkiPaths
 from simulator.cli import build_parser as sim_parser
+from simulator.cli import demo_problem
 from simulator.scenario import Scenario, validate
 from tests.fleet import REPO, free_port, make_workdir
+from tests.test_demo import CHECKS as DEMO_CHECKS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -49,8 +52,10 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 COMPOSE = REPO / "docker-compose.yml"
-FLEET_SERVICES = {"init", "broker", "services", "agent", "simulator"}
+FLEET_SERVICES = {"init", "broker", "services", "agent", "demo"}
+MEASURE_SERVICES = {"simulator"}
 LOCUST_SERVICES = {"locust-master", "locust-worker"}
+PROFILES = {"measure": MEASURE_SERVICES, "locust": LOCUST_SERVICES}
 BROKER_HOST, BROKER_PORT = "broker", 8883
 
 
@@ -156,9 +161,10 @@ def image_files(compose: dict[str, Any]) -> dict[str, Path]:
 
 def test_the_file_parses_and_holds_the_stack(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) == FLEET_SERVICES | LOCUST_SERVICES
+    assert set(services) == FLEET_SERVICES | MEASURE_SERVICES | LOCUST_SERVICES
     for name, service in services.items():
-        assert service.get("profiles") == (["locust"] if name in LOCUST_SERVICES else None)
+        profiles = [profile for profile, names in PROFILES.items() if name in names]
+        assert service.get("profiles") == (profiles or None), name
         assert service["command"], f"{name}: no command"
         for dependency, condition in (service.get("depends_on") or {}).items():
             assert dependency in services, f"{name} depends on unknown {dependency}"
@@ -253,6 +259,40 @@ def test_every_command_is_ours_with_valid_options(compose: dict[str, Any]) -> No
     assert args.command == "run"
     _check_fleet_sim_run(args)
 
+    assert cmds["demo"][0] == "fleet-sim"
+    args = _parse(sim_parser(), cmds["demo"][1:], "demo")
+    assert args.command == "demo"
+    assert args.endpoint == BROKER_HOST and args.port == BROKER_PORT
+    assert args.pki == Path("/fleet/pki")
+    problem = demo_problem(args)
+    assert problem is None or "no such folder" in problem, problem  # the volume's, here
+
+
+def test_the_demo_reaches_the_agent_by_its_control_socket_only(compose: dict[str, Any]) -> None:
+    """The demo asks the running agent how it is (as scripts/demo asks its own): through the
+    socket the agent's config names, in a volume both mount; never the agent's state folder,
+    which holds the device key."""
+    services = compose["services"]
+    agent_config = tomllib.loads((REPO / "docker" / "agent.toml").read_text())["agent"]
+    socket_path = Path(agent_config["control_socket"])
+    assert _parse(sim_parser(), commands(compose)["demo"][1:], "demo").agent_control == (
+        socket_path
+    )
+
+    def volume_holding(service: str, path: Path) -> str:
+        for volume in services[service]["volumes"]:
+            source, target = volume.split(":")[:2]
+            if path.is_relative_to(target):
+                return source
+        raise AssertionError(f"{service}: no volume holds {path}")
+
+    assert volume_holding("agent", socket_path) == volume_holding("demo", socket_path)
+    state = volume_holding("agent", Path(agent_config["state_dir"]))
+    assert volume_holding("agent", socket_path) != state
+    for name, service in services.items():
+        if name != "agent":
+            assert not any(v.startswith(f"{state}:") for v in service.get("volumes") or []), name
+
 
 def _locust_options(argv: list[str]) -> dict[str, Any]:
     """Locust's own parser with the locustfile's --fleet-* options, as `fleet-sim locust`
@@ -341,7 +381,8 @@ def test_every_mounted_and_copied_path_exists(compose: dict[str, Any]) -> None:
                 assert source in declared, f"{name}: undeclared volume {source}"
                 used.add(source)
     assert used == declared
-    # Devices never see the CA key: only the device-files volume, read-only.
+    # Devices never see the CA key: only the device-files volume, read-only. (The demo service
+    # is the operator as well, which the broker side's folder is for.)
     for name in ("agent", "simulator", *LOCUST_SERVICES):
         volumes = compose["services"][name]["volumes"]
         assert not any(v.startswith("pki:") for v in volumes), name
@@ -630,6 +671,15 @@ def test_the_stack_runs_natively_from_the_compose_command_lines(native: NativeSt
     native.start("agent")
     status = native.wait(lambda: _agent_status(native, str(config)), "agent synced", 40)
     assert status["thing"] == "gateway-0000"
+
+    # The demo, with that agent: every check of scripts/demo passes (a smaller fleet).
+    result = native.run("demo", "--devices", "6", timeout=180)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr + native.logs()
+    # Every check of scripts/demo but stopping the agent, which is not the demo's to stop here.
+    assert f"PASS: all {len(DEMO_CHECKS) - 1} checks passed" in result.stdout, result.stdout
+    assert "fleet-agent (running already)" in result.stdout
+    after = _agent_status(native, str(config))
+    assert after is not None and after["thing"] == "gateway-0000", "the demo disturbed the agent"
 
     # The simulator's run, smaller and shorter than in compose: the same options otherwise.
     result = native.run(
