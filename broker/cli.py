@@ -250,9 +250,16 @@ def _desired_state(assignments: Sequence[str]) -> dict[str, object]:
 
 
 def cmd_shadow(args: argparse.Namespace) -> int:
-    state = RunningState.read(RunFiles(_config(args).run_dir))
-    if state is None or not pid_alive(state.mosquitto_pid):
-        raise CommandError(f"the broker side is not running: fleet-broker up --dir {args.dir}")
+    if args.endpoint is not None:
+        host, port = args.endpoint, args.port
+    else:
+        state = RunningState.read(RunFiles(_config(args).run_dir))
+        if state is None or not pid_alive(state.mosquitto_pid):
+            raise CommandError(
+                f"the broker side is not running: fleet-broker up --dir {args.dir} (or name "
+                "a broker running elsewhere with --endpoint HOST)"
+            )
+        host, port = state.host, state.port
     operation = {"get": "get", "desire": "update", "delete": "delete"}[args.shadow_command]
     request: dict[str, object] = {"clientToken": f"fleet-cli-{os.getpid()}-{time.time_ns()}"}
     if args.shadow_command == "desire":
@@ -270,7 +277,7 @@ def cmd_shadow(args: argparse.Namespace) -> int:
                 got.set()
 
     subscribed = threading.Event()
-    client = _service_client(args, state.host, state.port, "shadow")
+    client = _service_client(args, host, port, "shadow")
     client.on_message = on_message
     client.on_subscribe = lambda *_: subscribed.set()
     # Subscribe to the replies before publishing, or the answer may be lost.
@@ -344,12 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("revoke", cmd_revoke, "revoke a thing's certificates or one certificate, at once")
     p.add_argument("target", help="thing name, certificate id, or a unique id prefix (8+ hex)")
-    p.add_argument(
-        "--endpoint",
-        help="the broker to disconnect them at, when it does not run from this folder here "
-        "(a container sharing the folder); default: the local fleet-broker up",
-    )
-    p.add_argument("--port", type=int, default=8883, help="its port (default 8883)")
+    _add_endpoint(p)
 
     add("things", cmd_things, "list registered things")
     add("certs", cmd_certs, "list registered certificates with role and status")
@@ -366,10 +368,21 @@ def build_parser() -> argparse.ArgumentParser:
         p = shadow_sub.add_parser(action, help=text, description=text)
         p.add_argument("thing", help="thing name")
         p.add_argument("--name", help="named shadow (default: the classic shadow)")
+        _add_endpoint(p)
         if action == "desire":
             p.add_argument("assignments", nargs="+", metavar="key=value")
     add("templates", cmd_templates, "list the provisioning templates devices can register with")
     return parser
+
+
+def _add_endpoint(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--endpoint",
+        metavar="HOST",
+        help="a broker that does not run from this folder here (in docker compose: broker, "
+        "from the services container); default: the local fleet-broker up",
+    )
+    parser.add_argument("--port", type=int, default=8883, help="its port (default 8883)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

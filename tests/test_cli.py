@@ -516,10 +516,11 @@ def test_revoke_disconnects_a_live_device_and_refuses_it_after(certs: Path, work
                 retry.stop()
 
 
-def test_revoke_reaches_a_broker_that_runs_elsewhere(certs: Path, workdir: Path) -> None:
+def test_operator_commands_reach_a_broker_that_runs_elsewhere(certs: Path, workdir: Path) -> None:
     """docker compose: the broker runs in another container, sharing only the folder. Without
-    a local run state, --endpoint disconnects the device there; no SIGHUP is possible, so the
-    registry check at CONNECT is what refuses it from then on."""
+    a local run state, --endpoint names it: revoke disconnects the device there (no SIGHUP is
+    possible, so the registry check at CONNECT is what refuses it from then on), and shadow
+    reads and changes shadows there."""
     thing = "sensor-0002"
     cert_path, key_path, _ = make_device(certs, workdir, thing)
     with fleet_up(certs) as up:
@@ -544,6 +545,14 @@ def test_revoke_reaches_a_broker_that_runs_elsewhere(certs: Path, workdir: Path)
             told = cli(certs, "revoke", other)  # no --endpoint, no local broker: says what to do
             assert told.returncode == 0, told.stderr
             assert "--endpoint" in told.stdout, told.stdout
+
+            there = ("--endpoint", "127.0.0.1", "--port", str(up.port))
+            desired = cli(certs, "shadow", "desire", thing, "mode=eco", *there)
+            assert desired.returncode == 0, desired.stderr
+            shown = cli(certs, "shadow", "get", thing, *there)
+            assert json.loads(shown.stdout)["state"]["desired"] == {"mode": "eco"}
+            line = assert_one_line_error(cli(certs, "shadow", "get", thing))
+            assert "--endpoint" in line
         finally:
             hidden.rename(state_file)
             device.stop()
