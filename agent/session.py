@@ -112,11 +112,15 @@ class PublishRefused(SessionError):
 # ------------------------------------------------------------------------------- TLS
 
 
-def tls_context(ca_file: Path | str, cert_file: Path | str, key_file: Path | str) -> ssl.SSLContext:
-    """Mutual TLS >= 1.2; the broker's certificate and host name verified against ``ca_file``.
+# A context, or what gives one right before a connection's TLS object is made (no await in
+# between): OpenSSL copies the context's certificate and key into the connection then, so a
+# context shared by several identities can be loaded with the right one (simulator/shared_tls).
+TlsSource = ssl.SSLContext | Callable[[], ssl.SSLContext]
 
-    A context can be shared by every session that uses the same identity.
-    """
+
+def verifying_context(ca_file: Path | str) -> ssl.SSLContext:
+    """TLS >= 1.2 with the broker's certificate and host name verified against ``ca_file``;
+    no client identity yet."""
     try:
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_file))
     except (OSError, ssl.SSLError) as exc:
@@ -124,6 +128,15 @@ def tls_context(ca_file: Path | str, cert_file: Path | str, key_file: Path | str
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.check_hostname = True
     context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def tls_context(ca_file: Path | str, cert_file: Path | str, key_file: Path | str) -> ssl.SSLContext:
+    """Mutual TLS >= 1.2; the broker's certificate and host name verified against ``ca_file``.
+
+    A context can be shared by every session that uses the same identity.
+    """
+    context = verifying_context(ca_file)
     try:
         context.load_cert_chain(str(cert_file), str(key_file))
     except (OSError, ssl.SSLError) as exc:
@@ -183,7 +196,7 @@ async def _wait_fd(
 async def open_tls(
     host: str,
     port: int,
-    context: ssl.SSLContext,
+    context: TlsSource,
     timeout: float,
     timings: dict[str, float] | None = None,
 ) -> ssl.SSLSocket:
@@ -237,7 +250,8 @@ async def open_tls(
 
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        tls = context.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False)
+        ready = context() if callable(context) else context
+        tls = ready.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False)
     except BaseException:
         sock.close()
         raise
@@ -732,7 +746,7 @@ async def connect(
     port: int,
     *,
     client_id: str,
-    context: ssl.SSLContext | None = None,
+    context: TlsSource | None = None,
     ca: Path | str | None = None,
     cert: Path | str | None = None,
     key: Path | str | None = None,
@@ -745,7 +759,8 @@ async def connect(
 ) -> Session:
     """Connect with MQTT 5 over mutual TLS; return the session once CONNACK says success.
 
-    Give either ``context`` (shared between sessions of one identity) or ``ca``/``cert``/``key``.
+    Give either ``context`` (shared between sessions of one identity, or a TlsSource) or
+    ``ca``/``cert``/``key``.
     ``timeout`` bounds the whole connect: TCP, TLS and CONNACK. With ``timings``, the seconds
     of each stage go in: "tcp_connect", "tls_handshake", "connack" (CONNECT to CONNACK).
     """

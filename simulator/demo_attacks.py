@@ -23,6 +23,7 @@ from agent.session import (
     SessionError,
     SubscribeRefused,
     TlsFailure,
+    TlsSource,
     connect,
 )
 from broker import bootstrap
@@ -49,7 +50,7 @@ def _is_refusal(code: str) -> bool:
     return code.startswith("0x")
 
 
-async def _connect_as(target: Target, client_id: str, context: ssl.SSLContext) -> Session:
+async def _connect_as(target: Target, client_id: str, context: TlsSource) -> Session:
     return await connect(
         target.endpoint, target.port, client_id=client_id, context=context, timeout=5
     )
