@@ -39,6 +39,7 @@ class DemoAgent(Protocol):
     """What the demo needs of its fleet-agent, started by it or not."""
 
     owned: bool
+    process: subprocess.Popen[bytes] | None  # None: not started, or not the demo's
 
     def start(self) -> None: ...
     def exit_code(self) -> int | None: ...
@@ -145,7 +146,7 @@ class RunningAgent:
 
     def __init__(self, socket_path: Path) -> None:
         self.socket_path = socket_path
-        self.process = None
+        self.process: subprocess.Popen[bytes] | None = None
         self._last_problem = "no answer yet"
 
     def start(self) -> None:
