@@ -64,7 +64,9 @@ SHADOW_OPERATIONS: Final[tuple[ShadowOperation, ...]] = ("get", "update", "delet
 def shadow_prefix(thing_name: str, shadow_name: str | None = None) -> str:
     """``$aws/things/<thing>/shadow`` or ``.../shadow/name/<shadow>`` for a named shadow."""
     base = f"$aws/things/{thing_name}/shadow"
-    return f"{base}/name/{shadow_name}" if shadow_name else base
+    # "" is a (malformed) named shadow, not the classic one: its rejection must go back to
+    # the topic it was asked on.
+    return base if shadow_name is None else f"{base}/name/{shadow_name}"
 
 
 def shadow_topic(
@@ -112,6 +114,21 @@ PROPERTY_SENDER: Final = "fleet-sender"
 #: User properties the services put on a reply for the plugin to route it to one connection.
 PROPERTY_REPLY_TO: Final = "fleet-reply-to"
 PROPERTY_CONNECTION: Final = "fleet-connection"
+
+#: Client-id spaces the plugin enforces (shared/DESIGN.md, "Identities"). A thing's client id
+#: is its name (THING_NAME_PATTERN); a claim's must start with CLAIM_CLIENT_ID_PREFIX, which
+#: no thing name may start with, so a claim can neither take nor probe a thing's id; operator
+#: tools (service identity) use OPERATOR_CLIENT_ID_PREFIX, a character no thing name has.
+CLAIM_CLIENT_ID_PREFIX: Final = "claim-"
+OPERATOR_CLIENT_ID_PREFIX: Final = "@"
+
+
+def operator_client_id(purpose: str) -> str:
+    """A fresh client id for an operator tool: unguessable, and never a thing's or a claim's."""
+    import secrets
+
+    return f"{OPERATOR_CLIENT_ID_PREFIX}fleet.{purpose}.{secrets.token_hex(6)}"
+
 
 #: Plugin control topic (Mosquitto ``$CONTROL/<feature>/<version>``); service identity only.
 CONTROL_TOPIC: Final = "$CONTROL/fleet/v1"
@@ -172,6 +189,8 @@ def decode(payload: bytes, fmt: PayloadFormat = "json") -> object:
         return json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"not valid JSON: {exc}") from None
+    except RecursionError:  # json's C decoder recurses per nesting level
+        raise ValueError("not valid JSON: nested too deeply") from None
 
 
 def parse_shadow_request(topic: str) -> tuple[str, str | None, ShadowOperation] | None:

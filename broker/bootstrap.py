@@ -261,15 +261,19 @@ def _rebuild_crl(paths: PkiPaths, ca: CertificateAuthority, registry: SQLiteRegi
     write_crl(paths, ca, ca.build_crl(registry.revoked_certificates(), days=CRL_DAYS))
 
 
-def revoke(root: Path, target: str) -> list[CertificateRecord]:
-    """Revoke a thing's certificates or one certificate, then publish a new CRL.
+def revoke(
+    root: Path, target: str, *, actor: str = "operator", with_claim: bool = False
+) -> list[CertificateRecord]:
+    """Revoke a thing (and its certificates; with ``with_claim`` the claim it onboarded with)
+    or one certificate, then publish a new CRL (see SQLiteRegistry.revoke).
 
-    The caller then signals the broker (SIGHUP) so new connections see the CRL.
+    The caller then signals the broker (SIGHUP) so new TLS handshakes see the CRL; the plugin
+    refuses the certificates at CONNECT and drops live connections within a second anyway.
     """
     paths = PkiPaths(Path(root))
     ca = CertificateAuthority.load(paths)  # fail before touching the registry
     with open_registry(paths) as registry:
-        revoked = registry.revoke(target)
+        revoked = registry.revoke(target, actor=actor, with_claim=with_claim)
         _rebuild_crl(paths, ca, registry)
     return revoked
 

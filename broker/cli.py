@@ -6,9 +6,11 @@ Every failure is one line on stderr naming the problem and the fix, and a non-ze
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import os
 import signal
+import socket
 import sqlite3
 import sys
 import threading
@@ -109,7 +111,7 @@ def _service_client(args: argparse.Namespace, host: str, port: int, purpose: str
         host,
         port,
         context=tls_context(pki.ca_cert, pki.service_cert, pki.service_key),
-        client_id=f"fleet-{purpose}-{os.getpid()}",
+        client_id=wire.operator_client_id(purpose),
         timeout=5,
     )
 
@@ -157,36 +159,81 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _actor() -> str:
+    """Who runs an operator command, for the audit log."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = f"uid {os.getuid()}"
+    return f"{user}@{socket.gethostname()} (fleet-broker)"
+
+
 def cmd_revoke(args: argparse.Namespace) -> int:
-    revoked = bootstrap.revoke(args.dir, args.target)
+    revoked = bootstrap.revoke(args.dir, args.target, actor=_actor(), with_claim=args.claim)
+    with _registry(args) as registry:
+        thing = registry.get_thing(args.target)
+    if thing is not None:
+        print(
+            f"revoked thing {thing.name}: no certificate can be registered for it until "
+            f"fleet-broker --dir {args.dir} things enable {thing.name}"
+        )
     for record in revoked:
         owner = f"thing {record.thing_name}" if record.thing_name else record.role.value
         print(f"revoked certificate {record.id[:16]}… ({owner})")
-    # From here the plugin's registry check at CONNECT refuses them; what is left is to
-    # disconnect live connections and have Mosquitto read the new CRL.
+    # From here the plugin refuses them at CONNECT and drops live connections within a second
+    # (it sweeps the registry), and the services refuse requests stamped with them. The kick
+    # below only makes the disconnect immediate; the reload makes new TLS handshakes fail.
     state = RunningState.read(RunFiles(_config(args).run_dir))
     local = state is not None and pid_alive(state.mosquitto_pid)
     if args.endpoint is None and not local:
         print(
             "no broker running from this folder: new connections with them are refused by the "
             "registry, and the CRL refuses them at the next broker start. A broker running "
-            "elsewhere (a container): add --endpoint HOST to disconnect live connections"
+            "elsewhere (a container) drops their live connections within a second; add "
+            "--endpoint HOST to do it at once"
         )
         return EXIT_OK
     host, port = (args.endpoint, args.port) if args.endpoint else (state.host, state.port)
-    client = _service_client(args, host, port, "revoke")
-    payload = "\n".join(f"kick-certificate {r.id}" for r in revoked)
-    client.publish(wire.CONTROL_TOPIC, payload, qos=1).wait_for_publish(5)
-    disconnect(client)
+    try:
+        client = _service_client(args, host, port, "revoke")
+        payload = "\n".join(f"kick-certificate {r.id}" for r in revoked)
+        client.publish(wire.CONTROL_TOPIC, payload, qos=1).wait_for_publish(5)
+        disconnect(client)
+        kicked = "disconnected any live connection using them"
+    except ConnectError as exc:
+        kicked = (
+            f"could not reach the broker to disconnect them at once ({exc}); it drops them "
+            "within a second by itself"
+        )
     if args.endpoint is None:
         os.kill(state.mosquitto_pid, signal.SIGHUP)  # reload the CRL for new TLS handshakes
-        print("disconnected any live connection using them; the broker is reloading the CRL")
+        print(f"{kicked}; the broker is reloading the CRL")
     else:
         print(
-            f"disconnected any live connection using them at {host}:{port}; the registry "
-            "refuses them from now on. That broker reads the new CRL at its next reload "
-            "(SIGHUP; in docker compose: docker compose kill -s HUP broker)"
+            f"{kicked} at {host}:{port}; the registry refuses them from now on. That broker "
+            "reads the new CRL at its next reload (SIGHUP; in docker compose: docker compose "
+            "kill -s HUP broker)"
         )
+    return EXIT_OK
+
+
+def cmd_things_enable(args: argparse.Namespace) -> int:
+    with _registry(args) as registry:
+        thing = registry.enable_thing(args.thing, actor=_actor())
+    print(
+        f"thing {thing.name} enabled: it may register a new certificate (by claim) again; "
+        "its revoked certificates stay revoked"
+    )
+    return EXIT_OK
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    with _registry(args) as registry:
+        entries = registry.audit_log(args.limit)
+    print(f"{'WHEN (UTC)':<20} {'ACTION':<19} {'TARGET':<32} {'WHO':<32} DETAIL")
+    for e in reversed(entries):
+        print(f"{e.at:%Y-%m-%d %H:%M:%S}  {e.action:<19} {e.target:<32} {e.actor:<32} {e.detail}")
+    print(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}")
     return EXIT_OK
 
 
@@ -198,12 +245,17 @@ def _registry(args: argparse.Namespace) -> SQLiteRegistry:
 
 
 def cmd_things(args: argparse.Namespace) -> int:
+    if getattr(args, "things_command", None) == "enable":
+        return cmd_things_enable(args)
     with _registry(args) as registry:
         things = registry.list_things()
-        print(f"{'THING':<40} {'CERTIFICATES':>12}  ATTRIBUTES")
+        print(f"{'THING':<40} {'STATUS':<8} {'CERTIFICATES':>12}  ATTRIBUTES")
         for thing in things:
             certificates = registry.list_certificates(thing_name=thing.name)
-            print(f"{thing.name:<40} {len(certificates):>12}  {thing.attributes}")
+            print(
+                f"{thing.name:<40} {thing.status.value:<8} {len(certificates):>12}  "
+                f"{thing.attributes}"
+            )
         print(f"{len(things)} thing(s)")
     return EXIT_OK
 
@@ -349,11 +401,31 @@ def build_parser() -> argparse.ArgumentParser:
     add("down", cmd_down, "stop a running fleet-broker up")
     add("status", cmd_status, "what runs, on which port, how many clients are connected")
 
-    p = add("revoke", cmd_revoke, "revoke a thing's certificates or one certificate, at once")
+    p = add(
+        "revoke",
+        cmd_revoke,
+        "revoke a thing (its certificates, and it may not register again until enabled) or one "
+        "certificate, at once",
+    )
     p.add_argument("target", help="thing name, certificate id, or a unique id prefix (8+ hex)")
+    p.add_argument(
+        "--claim",
+        action="store_true",
+        help="also revoke the per-device claim certificate the thing onboarded with (refused "
+        "if that claim onboarded other things too)",
+    )
     _add_endpoint(p)
 
-    add("things", cmd_things, "list registered things")
+    things = add("things", cmd_things, "list registered things, with their status")
+    things_sub = things.add_subparsers(dest="things_command", metavar="ACTION")
+    p = things_sub.add_parser(
+        "enable",
+        help="let a revoked thing register a new certificate again (audited)",
+        description="let a revoked thing register a new certificate again (audited)",
+    )
+    p.add_argument("thing", help="thing name")
+    p = add("audit", cmd_audit, "operator actions on the registry: revocations, re-enables")
+    p.add_argument("--limit", type=int, default=100, help="newest N entries (default 100)")
     add("certs", cmd_certs, "list registered certificates with role and status")
     shadow = add("shadow", cmd_shadow, "read or change a thing's shadow (classic or named)")
     shadow_sub = shadow.add_subparsers(dest="shadow_command", required=True, metavar="ACTION")

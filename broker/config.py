@@ -36,6 +36,10 @@ class BrokerConfig:
     templates_dir: Path = field(default=Path("templates"))
     allow_create_keys: bool = False
     token_lifetime_seconds: int = 3600
+    # Per-connection request quota the plugin enforces (AWS: 100 publishes/s per connection).
+    requests_per_second: float = 100.0
+    request_burst: int = 100
+    flood_disconnect: int = 1000  # requests over quota in a row before a disconnect; 0: never
 
     @property
     def device_validity(self) -> dt.timedelta:
@@ -50,7 +54,7 @@ class BrokerConfig:
 
 
 # section -> key -> (attribute, type)
-_SCHEMA: dict[str, dict[str, tuple[str, type]]] = {
+_SCHEMA: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
     "broker": {
         "port": ("port", int),
         "bind_address": ("bind_address", str),
@@ -67,6 +71,11 @@ _SCHEMA: dict[str, dict[str, tuple[str, type]]] = {
         "templates_dir": ("templates_dir", str),
         "allow_create_keys_and_certificate": ("allow_create_keys", bool),
         "ownership_token_lifetime_seconds": ("token_lifetime_seconds", int),
+    },
+    "limits": {
+        "requests_per_second": ("requests_per_second", (int, float)),
+        "request_burst": ("request_burst", int),
+        "flood_disconnect": ("flood_disconnect", int),
     },
 }
 
@@ -115,9 +124,8 @@ def _flatten(path: Path, document: dict[str, Any]) -> dict[str, Any]:
             attribute, expected = schema[key]
             bool_for_int = expected is not bool and isinstance(value, bool)
             if not isinstance(value, expected) or bool_for_int:
-                raise ConfigError(
-                    f"{path}: {section}.{key} must be a {expected.__name__}, got {value!r}"
-                )
+                kind = "number" if isinstance(expected, tuple) else expected.__name__
+                raise ConfigError(f"{path}: {section}.{key} must be a {kind}, got {value!r}")
             values[attribute] = value
     return values
 
@@ -141,6 +149,11 @@ def _validate(path: Path, config: BrokerConfig) -> None:
     if not 60 <= config.token_lifetime_seconds <= 7 * 24 * 3600:
         raise ConfigError(
             f"{path}: provisioning.ownership_token_lifetime_seconds must be 60-604800"
+        )
+    if config.requests_per_second < 0 or config.request_burst < 1 or config.flood_disconnect < 0:
+        raise ConfigError(
+            f"{path}: limits.requests_per_second must be >= 0 (0: no quota), "
+            "limits.request_burst >= 1 and limits.flood_disconnect >= 0 (0: never)"
         )
     if wire.THING_NAME_PATTERN.match(config.services_client_id) is None:
         raise ConfigError(

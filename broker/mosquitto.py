@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent import wire
 from broker import policy
 from broker.config import BrokerConfig
 from broker.pki import PkiPaths
@@ -137,6 +138,10 @@ def render_conf(config: BrokerConfig, files: RunFiles, user: str | None) -> str:
         f"plugin_opt_registry {pki.registry}",
         f"plugin_opt_policy {files.policy}",
         f"plugin_opt_service_id {config.services_client_id}",
+        f"plugin_opt_claim_prefix {wire.CLAIM_CLIENT_ID_PREFIX}",
+        f"plugin_opt_request_rate {config.requests_per_second:g}",
+        f"plugin_opt_request_burst {config.request_burst}",
+        f"plugin_opt_flood_disconnect {config.flood_disconnect}",
         # Reached only if the plugin ever deferred a decision, which it never does: deny.
         f"acl_file {files.fallback_acl}",
         "persistence true",

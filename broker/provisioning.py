@@ -28,13 +28,16 @@ from broker.registry import (
     CertificateStatus,
     InvalidOwnershipToken,
     Registration,
-    SQLiteRegistry,
+    Registry,
+    ThingRevoked,
+    ThingStatus,
 )
 from broker.rejection import (
     Rejection,
     access_denied,
     conflict,
     internal,
+    invalid_parameters,
     invalid_payload,
     invalid_token,
     not_found,
@@ -58,6 +61,11 @@ class ProvisioningSettings:
     token_lifetime: dt.timedelta = dt.timedelta(hours=1)
     allow_server_generated_keys: bool = False
     reserved_thing_names: frozenset[str] = frozenset()
+    #: No thing name may start with these: the client-id spaces of claims and operators.
+    reserved_thing_prefixes: tuple[str, ...] = (
+        wire.CLAIM_CLIENT_ID_PREFIX,
+        wire.OPERATOR_CLIENT_ID_PREFIX,
+    )
     region: str = "local"
     account: str = "000000000000"
 
@@ -65,7 +73,7 @@ class ProvisioningSettings:
 class ProvisioningService:
     def __init__(
         self,
-        registry: SQLiteRegistry,
+        registry: Registry,
         ca: CertificateAuthority,
         templates: Mapping[str, Template],
         hooks: Mapping[str, Hook],
@@ -89,6 +97,10 @@ class ProvisioningService:
             raise ValueError(f"not a provisioning request topic: {topic}")
         operation, template_name, fmt = parsed
         try:
+            if self.registry.not_active([caller.certificate_id]):
+                # The broker disconnects a revoked certificate, but a request it forwarded
+                # before that (or while its disconnect was lost) must not be acted on.
+                raise access_denied("The certificate of this connection is not ACTIVE.")
             document = self._decode(payload, fmt)
             if operation == "create-from-csr":
                 answer = self.create_certificate_from_csr(document, caller)
@@ -128,10 +140,13 @@ class ProvisioningService:
 
     # ------------------------------------------------------------ certificates
 
-    def _issue(self, certificate: Any) -> dict[str, str]:
+    def _issue(self, certificate: Any, caller: Sender) -> dict[str, str]:
         token = secrets.token_urlsafe(32)  # 256 bits
         record = self.registry.issue_device_certificate(
-            certificate, token, self.clock() + self.settings.token_lifetime
+            certificate,
+            token,
+            self.clock() + self.settings.token_lifetime,
+            requested_by=caller.certificate_id,
         )
         return {
             "certificateId": record.id,
@@ -145,7 +160,7 @@ class ProvisioningService:
             raise invalid_payload("Missing required field: certificateSigningRequest.")
         csr = validate_csr(csr_pem)
         certificate = self.ca.sign_csr(csr, validity=self.settings.device_validity)
-        answer = self._issue(certificate)
+        answer = self._issue(certificate, caller)
         log.info(
             "issued certificate %s… to %s (%s)",
             answer["certificateId"][:12],
@@ -167,7 +182,7 @@ class ProvisioningService:
             validity=self.settings.device_validity,
             purpose="client",
         )
-        answer = self._issue(certificate)
+        answer = self._issue(certificate, caller)
         answer["privateKey"] = key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
@@ -193,9 +208,14 @@ class ProvisioningService:
         ):
             raise invalid_payload("parameters must be an object of string values.")
         try:
-            certificate_id = self.registry.peek_ownership_token(token, now=self.clock())
+            grant = self.registry.peek_ownership_token(token, now=self.clock())
         except InvalidOwnershipToken as exc:
             raise invalid_token(TOKEN_MESSAGES[exc.reason]) from None
+        # A token is not a bearer token: only the certificate that asked for it may use it
+        # (AWS's wording for any token it will not take, so nothing is learnt from it).
+        if grant.requested_by is not None and grant.requested_by != caller.certificate_id:
+            raise invalid_token(TOKEN_MESSAGES["unknown"])
+        certificate_id = grant.certificate_id
         record = self.registry.get_certificate(certificate_id)
         if record is None:
             raise invalid_token(TOKEN_MESSAGES["unknown"])
@@ -220,6 +240,8 @@ class ProvisioningService:
             thing = self.registry.complete_registration(registration)
         except InvalidOwnershipToken as exc:  # used up concurrently
             raise invalid_token(TOKEN_MESSAGES[exc.reason]) from None
+        except ThingRevoked as exc:  # revoked concurrently
+            raise access_denied(str(exc)) from None
         log.info(
             "registered thing %s with certificate %s… (%s)",
             thing.name,
@@ -238,11 +260,12 @@ class ProvisioningService:
         if plan.thing is None:
             raise Rejection(400, "InvalidParameters", "The template creates no AWS::IoT::Thing.")
         name = plan.thing.name
-        if name in self.settings.reserved_thing_names:
-            raise conflict(f"Thing name {name} is reserved.")
+        self._check_name(name)
         if caller.role == "device" and caller.thing != name:
             raise access_denied("A device may only register certificates for its own thing.")
         existing = self.registry.get_thing(name)
+        if existing is not None and existing.status is ThingStatus.REVOKED:
+            raise access_denied(str(ThingRevoked(name)))
         attributes: Mapping[str, str] | None = dict(plan.thing.attributes)
         groups: list[str] | None = list(plan.thing.thing_groups)
         thing_type = plan.thing.thing_type
@@ -255,12 +278,17 @@ class ProvisioningService:
             ]
             # A shared claim certificate must not let one device take over another's thing:
             # only that thing's own identity (renewal) may add a certificate to a live thing.
-            # Certificates that never connected are no one's yet (an onboarding that died
-            # before the device stored them): the same serial may register again, and those
-            # are retired.
+            # Certificates that never connected are an onboarding that died before the device
+            # stored them: the claim that registered them (the same device retrying) may
+            # register again, and those are retired; any other claim may not.
             if active and caller.thing != name:
                 if not all(c.awaiting_first_connect for c in active):
                     raise conflict(f"Thing {name} already exists with an active certificate.")
+                if not all(c.registered_by == caller.certificate_id for c in active):
+                    raise conflict(
+                        f"Thing {name} is being onboarded by another claim certificate; only "
+                        "that claim may register it again until its device connects."
+                    )
                 orphans = [c.id for c in active]
             attributes, groups, thing_type = self._apply_overrides(plan, existing)
         # The thing's own device asking with its current certificate: a renewal.
@@ -282,11 +310,24 @@ class ProvisioningService:
             thing_type=thing_type,
             renews=renews,
             supersedes=orphans,
+            registered_by=caller.certificate_id,
             policies=[
                 (p.name or p.logical_id, json.dumps(p.document) if p.document else None)
                 for p in plan.policies
             ],
         )
+
+    def _check_name(self, name: str) -> None:
+        if name in self.settings.reserved_thing_names or name.startswith(
+            self.settings.reserved_thing_prefixes
+        ):
+            raise conflict(f"Thing name {name} is reserved.")
+        if not any(ch.isalnum() for ch in name):
+            # "-" from empty template parameters: no device could be told apart by it.
+            raise invalid_parameters(
+                f"Thing name {name!r} has no letter or digit; check the template's parameters "
+                "(an empty DeviceModel or SerialNumber?)."
+            )
 
     @staticmethod
     def _apply_overrides(

@@ -3,8 +3,11 @@
 `Registry` is the small storage interface the services use; `SQLiteRegistry` is the embedded
 default (one file, WAL). The C plugin opens the same database read-only and runs exactly
 
-    SELECT status, role, thing_name FROM certificates WHERE id = ?1
+    SELECT c.status, c.role, c.thing_name, c.awaiting_first_connect, t.status
+        FROM certificates c LEFT JOIN things t ON t.name = c.thing_name WHERE c.id = ?1
     SELECT 1 FROM things WHERE name = ?1
+
+    SELECT id FROM certificates WHERE updated_at > ?1 AND status != 'ACTIVE'
 
 so those table and column names are part of the contract with broker/plugin/.
 """
@@ -20,7 +23,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -31,7 +34,7 @@ from cryptography import x509
 
 from broker.pki import certificate_id, certificate_pem
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -45,7 +48,10 @@ CREATE TABLE IF NOT EXISTS things (
     thing_type TEXT,
     version INTEGER NOT NULL DEFAULT 1,
     created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    status TEXT NOT NULL DEFAULT 'ACTIVE' CHECK (status IN ('ACTIVE', 'REVOKED')),
+    revoked_at REAL,
+    revoked_by TEXT
 );
 CREATE TABLE IF NOT EXISTS certificates (
     id TEXT PRIMARY KEY,
@@ -61,14 +67,17 @@ CREATE TABLE IF NOT EXISTS certificates (
     updated_at REAL NOT NULL,
     revoked_at REAL,
     renewal_of TEXT,
-    awaiting_first_connect INTEGER NOT NULL DEFAULT 0
+    awaiting_first_connect INTEGER NOT NULL DEFAULT 0,
+    registered_by TEXT
 );
 CREATE INDEX IF NOT EXISTS certificates_thing_name ON certificates(thing_name);
+CREATE INDEX IF NOT EXISTS certificates_updated_at ON certificates(updated_at);
 CREATE TABLE IF NOT EXISTS ownership_tokens (
     token_hash TEXT PRIMARY KEY,
     certificate_id TEXT NOT NULL REFERENCES certificates(id) ON DELETE CASCADE,
     expires_at REAL NOT NULL,
-    used_at REAL
+    used_at REAL,
+    requested_by TEXT
 );
 CREATE INDEX IF NOT EXISTS ownership_tokens_certificate_id
     ON ownership_tokens(certificate_id);
@@ -87,6 +96,14 @@ CREATE TABLE IF NOT EXISTS shadows (
     updated_at REAL NOT NULL,
     PRIMARY KEY (thing_name, shadow_name)
 );
+CREATE TABLE IF NOT EXISTS audit_log (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT ''
+);
 """
 
 THING_NAME = re.compile(r"[a-zA-Z0-9:_-]{1,128}")
@@ -96,6 +113,19 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: (
         "ALTER TABLE certificates ADD COLUMN renewal_of TEXT",
         "ALTER TABLE certificates ADD COLUMN awaiting_first_connect INTEGER NOT NULL DEFAULT 0",
+    ),
+    # 2 -> 3: revocation recorded on the thing (who, when) and an audit log of operator
+    # actions; which certificate registered a certificate (its claim) and asked for a token,
+    # so a pending registration and a token are bound to the identity that made them; the
+    # index the plugin's revocation sweep reads.
+    2: (
+        "ALTER TABLE things ADD COLUMN status TEXT NOT NULL DEFAULT 'ACTIVE'"
+        " CHECK (status IN ('ACTIVE', 'REVOKED'))",
+        "ALTER TABLE things ADD COLUMN revoked_at REAL",
+        "ALTER TABLE things ADD COLUMN revoked_by TEXT",
+        "ALTER TABLE certificates ADD COLUMN registered_by TEXT",
+        "ALTER TABLE ownership_tokens ADD COLUMN requested_by TEXT",
+        "CREATE INDEX IF NOT EXISTS certificates_updated_at ON certificates(updated_at)",
     ),
 }
 
@@ -107,6 +137,12 @@ class CertificateRole(str, Enum):
     DEVICE = "device"
     CLAIM = "claim"
     SERVICE = "service"
+
+
+class ThingStatus(str, Enum):
+    ACTIVE = "ACTIVE"
+    #: Revoked by an operator: no certificate may be registered for it until re-enabled.
+    REVOKED = "REVOKED"
 
 
 class CertificateStatus(str, Enum):
@@ -143,6 +179,21 @@ class InvalidName(ValueError):
 
 class CertificateExists(ValueError):
     pass
+
+
+class ThingRevoked(Exception):
+    """RegisterThing for a thing an operator revoked."""
+
+    def __init__(self, thing: str) -> None:
+        super().__init__(
+            f"Thing {thing} is revoked; an operator must re-enable it first "
+            f"(fleet-broker things enable {thing})."
+        )
+        self.thing = thing
+
+
+class SharedClaim(ValueError):
+    """Revoking a thing's claim would cut off other things' onboarding too."""
 
 
 class RegistryError(sqlite3.DatabaseError):
@@ -194,6 +245,8 @@ class Registration:
     #: Certificates of the thing that never connected (an onboarding interrupted before the
     #: device stored its credentials): made INACTIVE by this registration.
     supersedes: Sequence[str] = ()
+    #: The certificate that made this registration (a claim, or the thing's own for a renewal).
+    registered_by: str | None = None
 
 
 @dataclass(frozen=True)
@@ -205,6 +258,26 @@ class Thing:
     version: int
     created_at: dt.datetime
     updated_at: dt.datetime
+    status: ThingStatus = ThingStatus.ACTIVE
+    revoked_at: dt.datetime | None = None
+    revoked_by: str | None = None
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    at: dt.datetime
+    actor: str
+    action: str
+    target: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class TokenGrant:
+    """What a valid ownership token stands for: its certificate, and who asked for it."""
+
+    certificate_id: str
+    requested_by: str | None
 
 
 @dataclass(frozen=True)
@@ -221,6 +294,7 @@ class CertificateRecord:
     revoked_at: dt.datetime | None
     renewal_of: str | None = None
     awaiting_first_connect: bool = False
+    registered_by: str | None = None
 
 
 def validate_thing_name(name: str) -> str:
@@ -317,7 +391,15 @@ class Registry(Protocol):
 
     def delete_thing(self, name: str) -> bool: ...
 
-    def revoke(self, target: str) -> list[CertificateRecord]: ...
+    def revoke(
+        self, target: str, *, actor: str = "operator", with_claim: bool = False
+    ) -> list[CertificateRecord]: ...
+
+    def enable_thing(self, name: str, *, actor: str) -> Thing: ...
+
+    def audit_log(self, limit: int = 100) -> list[AuditEntry]: ...
+
+    def not_active(self, certificate_ids: Iterable[str]) -> set[str]: ...
 
     def revoked_certificates(self) -> list[tuple[int, dt.datetime]]: ...
 
@@ -326,12 +408,17 @@ class Registry(Protocol):
     ) -> None: ...
 
     def issue_device_certificate(
-        self, cert: x509.Certificate, token: str, expires_at: dt.datetime
+        self,
+        cert: x509.Certificate,
+        token: str,
+        expires_at: dt.datetime,
+        *,
+        requested_by: str | None = None,
     ) -> CertificateRecord: ...
 
     def consume_ownership_token(self, token: str, *, now: dt.datetime | None = None) -> str: ...
 
-    def peek_ownership_token(self, token: str, *, now: dt.datetime | None = None) -> str: ...
+    def peek_ownership_token(self, token: str, *, now: dt.datetime | None = None) -> TokenGrant: ...
 
     def complete_registration(self, registration: Registration) -> Thing: ...
 
@@ -355,7 +442,7 @@ class Registry(Protocol):
 
 _CERT_COLUMNS = (
     "id, pem, serial, role, status, thing_name, label, not_after, created_at, revoked_at,"
-    " renewal_of, awaiting_first_connect"
+    " renewal_of, awaiting_first_connect, registered_by"
 )
 
 
@@ -393,6 +480,7 @@ def _certificate_record(row: sqlite3.Row) -> CertificateRecord:
         revoked_at=_datetime(row["revoked_at"]),
         renewal_of=row["renewal_of"],
         awaiting_first_connect=bool(row["awaiting_first_connect"]),
+        registered_by=row["registered_by"],
     )
 
 
@@ -405,6 +493,9 @@ def _thing(row: sqlite3.Row) -> Thing:
         version=row["version"],
         created_at=_utc(row["created_at"]),
         updated_at=_utc(row["updated_at"]),
+        status=ThingStatus(row["status"]),
+        revoked_at=_datetime(row["revoked_at"]),
+        revoked_by=row["revoked_by"],
     )
 
 
@@ -614,7 +705,7 @@ class SQLiteRegistry:
         try:
             db.execute(
                 f"INSERT INTO certificates ({_CERT_COLUMNS}, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.id,
                     record.pem,
@@ -628,6 +719,7 @@ class SQLiteRegistry:
                     now if record.revoked_at else None,
                     None,
                     0,
+                    None,
                     now,
                 ),
             )
@@ -741,47 +833,155 @@ class SQLiteRegistry:
 
     # --- revocation
 
-    def revoke(self, target: str) -> list[CertificateRecord]:
-        """Revoke a thing's certificates, or one certificate by id or unique id prefix (>= 8 hex).
+    def revoke(
+        self, target: str, *, actor: str = "operator", with_claim: bool = False
+    ) -> list[CertificateRecord]:
+        """Revoke a thing (its certificates, and the thing itself: REVOKED, so no certificate
+        can be registered for it until `enable_thing`), or one certificate by id or unique id
+        prefix (>= 8 hex). ``with_claim``: also revoke the claim certificate the thing
+        onboarded with, unless that claim onboarded other things too (`SharedClaim`).
 
         A 64-hex id is taken as a certificate id first, then any other target as a thing name.
+        All or nothing, and audited under ``actor``.
         """
         hex_target = target.lower()
         now = time.time()
         with self._transaction() as db:
-            ids = self._revocation_targets(db, target, hex_target)
+            thing, ids = self._revocation_targets(db, target, hex_target)
+            if with_claim:
+                if thing is None:
+                    raise UnknownTarget("--claim needs a thing name, not a certificate id")
+                ids += [c for c in self._onboarding_claims(db, thing) if c not in ids]
             for cert_id in ids:
                 db.execute(
                     "UPDATE certificates SET status = 'REVOKED', updated_at = ?,"
                     " revoked_at = COALESCE(revoked_at, ?) WHERE id = ?",
                     (now, now, cert_id),
                 )
+            if thing is not None:
+                db.execute(
+                    "UPDATE things SET status = 'REVOKED', revoked_at = ?, revoked_by = ?,"
+                    " updated_at = ? WHERE name = ?",
+                    (now, actor, now, thing),
+                )
             rows = [self._certificate_row(db, cert_id) for cert_id in ids]
-        return [_certificate_record(row) for row in rows if row is not None]
+            records = [_certificate_record(row) for row in rows if row is not None]
+            self._audit(
+                db,
+                now,
+                actor,
+                "revoke-thing" if thing is not None else "revoke-certificate",
+                thing or ids[0],
+                ", ".join(f"{r.role.value} {r.id[:16]}" for r in records),
+            )
+        return records
+
+    def _onboarding_claims(self, db: sqlite3.Connection, thing: str) -> list[str]:
+        """The claim certificates that registered ``thing``'s certificates, if only it."""
+        claims = [
+            row["id"]
+            for row in db.execute(
+                "SELECT DISTINCT c.id FROM certificates c JOIN certificates d"
+                " ON d.registered_by = c.id WHERE d.thing_name = ? AND c.role = 'claim'",
+                (thing,),
+            )
+        ]
+        if not claims:
+            raise UnknownTarget(
+                f"the registry does not say which claim certificate thing {thing!r} onboarded "
+                "with (registered before this was recorded, or not by claim); revoke the claim "
+                "by its id (fleet-broker certs lists them)"
+            )
+        for claim in claims:
+            others = db.execute(
+                "SELECT COUNT(DISTINCT thing_name) FROM certificates"
+                " WHERE registered_by = ? AND thing_name IS NOT NULL AND thing_name != ?",
+                (claim, thing),
+            ).fetchone()[0]
+            if others:
+                raise SharedClaim(
+                    f"claim certificate {claim[:16]}… also onboarded {others} other thing(s): "
+                    f"revoking it would stop their onboarding too; revoke the thing alone, or "
+                    f"the claim by its id (fleet-broker revoke {claim[:16]}) if that is meant"
+                )
+        return claims
 
     @staticmethod
-    def _revocation_targets(db: sqlite3.Connection, target: str, hex_target: str) -> list[str]:
+    def _audit(
+        db: sqlite3.Connection, at: float, actor: str, action: str, target: str, detail: str
+    ) -> None:
+        db.execute(
+            "INSERT INTO audit_log (at, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)",
+            (at, actor, action, target, detail),
+        )
+
+    def enable_thing(self, name: str, *, actor: str) -> Thing:
+        """Let a revoked thing be registered again (its old certificates stay REVOKED)."""
+        now = time.time()
+        with self._transaction() as db:
+            row = db.execute("SELECT status FROM things WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise UnknownThing(f"no thing named {name!r}; list them with fleet-broker things")
+            if row["status"] != ThingStatus.REVOKED.value:
+                raise InvalidName(f"thing {name!r} is not revoked; nothing to enable")
+            db.execute(
+                "UPDATE things SET status = 'ACTIVE', revoked_at = NULL, revoked_by = NULL,"
+                " updated_at = ? WHERE name = ?",
+                (now, name),
+            )
+            self._audit(db, now, actor, "enable-thing", name, "")
+            return _thing(db.execute("SELECT * FROM things WHERE name = ?", (name,)).fetchone())
+
+    def audit_log(self, limit: int = 100) -> list[AuditEntry]:
+        rows = self._query(
+            "SELECT at, actor, action, target, detail FROM audit_log ORDER BY id DESC LIMIT ?",
+            (limit,),
+        )
+        return [
+            AuditEntry(_utc(r["at"]), r["actor"], r["action"], r["target"], r["detail"])
+            for r in rows
+        ]
+
+    def not_active(self, certificate_ids: Iterable[str]) -> set[str]:
+        """Those of ``certificate_ids`` that may not act now: unknown, not ACTIVE, or attached
+        to a REVOKED thing. The services ask this of every request's stamp, so a revocation
+        holds even where the broker's disconnect was lost."""
+        wanted = {c.lower() for c in certificate_ids}
+        if not wanted:
+            return set()
+        marks = ",".join("?" * len(wanted))
+        rows = self._query(
+            "SELECT c.id FROM certificates c LEFT JOIN things t ON t.name = c.thing_name"
+            f" WHERE c.id IN ({marks}) AND c.status = 'ACTIVE'"
+            " AND (t.status IS NULL OR t.status = 'ACTIVE')",
+            tuple(wanted),
+        )
+        return wanted - {row["id"] for row in rows}
+
+    @staticmethod
+    def _revocation_targets(
+        db: sqlite3.Connection, target: str, hex_target: str
+    ) -> tuple[str | None, list[str]]:
+        """(the thing, if the target is one; the certificate ids to revoke)."""
         is_full_id = CERTIFICATE_ID.fullmatch(hex_target) is not None
         if (
             is_full_id
             and db.execute("SELECT 1 FROM certificates WHERE id = ?", (hex_target,)).fetchone()
         ):
-            return [hex_target]
+            return None, [hex_target]
         if db.execute("SELECT 1 FROM things WHERE name = ?", (target,)).fetchone():
             rows = db.execute(
                 "SELECT id FROM certificates WHERE thing_name = ? ORDER BY created_at, id",
                 (target,),
             ).fetchall()
-            if not rows:
-                raise UnknownTarget(f"thing {target!r} has no certificates to revoke")
-            return [row["id"] for row in rows]
+            return target, [row["id"] for row in rows]
         if CERTIFICATE_ID_PREFIX.fullmatch(hex_target):
             rows = db.execute(
                 "SELECT id FROM certificates WHERE substr(id, 1, ?) = ? LIMIT 2",
                 (len(hex_target), hex_target),
             ).fetchall()
             if len(rows) == 1:
-                return [rows[0]["id"]]
+                return None, [rows[0]["id"]]
             if rows:
                 raise UnknownTarget(
                     f"certificate id prefix {hex_target!r} matches several certificates; "
@@ -808,32 +1008,42 @@ class SQLiteRegistry:
             self._insert_token(db, certificate_id, token, expires_at)
 
     def issue_device_certificate(
-        self, cert: x509.Certificate, token: str, expires_at: dt.datetime
+        self,
+        cert: x509.Certificate,
+        token: str,
+        expires_at: dt.datetime,
+        *,
+        requested_by: str | None = None,
     ) -> CertificateRecord:
         """A new device certificate (PENDING_ACTIVATION) and its ownership token, in one
         transaction: one fsync per CreateCertificateFromCsr, and never a certificate without
-        its token."""
+        its token. ``requested_by``: the certificate that asked; only it may use the token."""
         with self._transaction() as db:
             record = self._insert_certificate(
                 db, cert, CertificateRole.DEVICE, CertificateStatus.PENDING_ACTIVATION, None, None
             )
-            self._insert_token(db, record.id, token, expires_at)
+            self._insert_token(db, record.id, token, expires_at, requested_by)
             return record
 
     @staticmethod
     def _insert_token(
-        db: sqlite3.Connection, certificate_id: str, token: str, expires_at: dt.datetime
+        db: sqlite3.Connection,
+        certificate_id: str,
+        token: str,
+        expires_at: dt.datetime,
+        requested_by: str | None = None,
     ) -> None:
         db.execute(
-            "INSERT INTO ownership_tokens (token_hash, certificate_id, expires_at)"
-            " VALUES (?, ?, ?)",
-            (hash_token(token), certificate_id.lower(), _timestamp(expires_at)),
+            "INSERT INTO ownership_tokens (token_hash, certificate_id, expires_at, requested_by)"
+            " VALUES (?, ?, ?, ?)",
+            (hash_token(token), certificate_id.lower(), _timestamp(expires_at), requested_by),
         )
 
     @staticmethod
     def _valid_token_row(db: sqlite3.Connection, token: str, moment: float) -> sqlite3.Row:
         row = db.execute(
-            "SELECT token_hash, certificate_id, expires_at, used_at FROM ownership_tokens"
+            "SELECT token_hash, certificate_id, expires_at, used_at, requested_by"
+            " FROM ownership_tokens"
             " WHERE token_hash = ?",
             (hash_token(token),),
         ).fetchone()
@@ -845,11 +1055,12 @@ class SQLiteRegistry:
             raise InvalidOwnershipToken("expired")
         return row
 
-    def peek_ownership_token(self, token: str, *, now: dt.datetime | None = None) -> str:
-        """The certificate id of a valid token, without using it up."""
+    def peek_ownership_token(self, token: str, *, now: dt.datetime | None = None) -> TokenGrant:
+        """What a valid token stands for, without using it up."""
         moment = time.time() if now is None else _timestamp(now)
         with self._lock:
-            return str(self._valid_token_row(self._db, token, moment)["certificate_id"])
+            row = self._valid_token_row(self._db, token, moment)
+        return TokenGrant(str(row["certificate_id"]), row["requested_by"])
 
     def consume_ownership_token(self, token: str, *, now: dt.datetime | None = None) -> str:
         """Mark the token used and return its certificate id; each token works once."""
@@ -908,6 +1119,11 @@ class SQLiteRegistry:
             token_row = self._valid_token_row(db, r.token, now)
             if token_row["certificate_id"] != r.certificate_id:
                 raise InvalidOwnershipToken("unknown")
+            status = db.execute(
+                "SELECT status FROM things WHERE name = ?", (r.thing_name,)
+            ).fetchone()
+            if status is not None and status["status"] == ThingStatus.REVOKED.value:
+                raise ThingRevoked(r.thing_name)
             db.execute(
                 "UPDATE ownership_tokens SET used_at = ? WHERE token_hash = ?",
                 (now, token_row["token_hash"]),
@@ -915,13 +1131,14 @@ class SQLiteRegistry:
             self._upsert_thing(db, r.thing_name, attrs, groups, r.thing_type, now)
             db.execute(
                 "UPDATE certificates SET thing_name = ?, status = ?, updated_at = ?,"
-                " renewal_of = ?, awaiting_first_connect = ? WHERE id = ?",
+                " renewal_of = ?, awaiting_first_connect = ?, registered_by = ? WHERE id = ?",
                 (
                     r.thing_name,
                     r.certificate_status.value,
                     now,
                     r.renews,
                     1,
+                    r.registered_by,
                     r.certificate_id,
                 ),
             )

@@ -77,25 +77,34 @@ class ShadowService:
         their writes are committed. A storage failure fails the batch, which is then retried
         request by request, so one bad write cannot cost the others their answers."""
         now = int(self.clock())
+        # The broker disconnects a revoked certificate; requests it forwarded before that, or
+        # while the disconnect was lost, are refused here. One lookup per batch.
+        refused = self.registry.not_active({sender.certificate_id for _, _, sender in requests})
         try:
-            replies = self._transaction(requests, now)
+            replies = self._transaction(requests, now, refused)
         except sqlite3.Error:
             log.exception("a shadow batch of %d failed; retrying one by one", len(requests))
             replies = []
             for request in requests:
                 try:
-                    replies += self._transaction([request], now)
+                    replies += self._transaction([request], now, refused)
                 except sqlite3.Error:
                     log.exception("shadow request on %s failed", request[0])
                     replies += self._internal_error(request[0], now)
         for topic, payload in replies:
             publish(topic, payload)
 
-    def _transaction(self, requests: Sequence[tuple[str, bytes, Sender]], now: int) -> Replies:
+    def _transaction(
+        self,
+        requests: Sequence[tuple[str, bytes, Sender]],
+        now: int,
+        refused: frozenset[str] | set[str] = frozenset(),
+    ) -> Replies:
         replies: Replies = []
         with self.registry.shadow_transaction() as store:
             for topic, payload, sender in requests:
-                self._one(store, topic, payload, sender, now, replies)
+                denied = sender.certificate_id in refused
+                self._one(store, topic, payload, sender, now, replies, denied)
         return replies
 
     def _one(
@@ -106,12 +115,15 @@ class ShadowService:
         sender: Sender,
         now: int,
         replies: Replies,
+        refused: bool = False,
     ) -> None:
         parsed = wire.parse_shadow_request(topic)
         if parsed is None:
             return
         request = ShadowRequest(*parsed)
         try:
+            if refused:
+                raise ShadowError(403, "Forbidden")
             self._authorise(request, sender)
             if request.operation == "update":
                 self._update(store, request, payload, now, replies)

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent import wire
 from broker import bootstrap
 from broker.config import BrokerConfig
 from broker.mosquitto import (
@@ -134,7 +135,7 @@ class Stack:
                 self.config.connect_host,
                 self.config.port,
                 context=tls_context(self.pki.ca_cert, self.pki.service_cert, self.pki.service_key),
-                client_id=f"fleet-probe-{os.getpid()}",
+                client_id=wire.operator_client_id("probe"),
             )
         except ConnectError as exc:
             raise BrokerError(

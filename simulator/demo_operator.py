@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -60,7 +59,7 @@ class Operator:
             self.host,
             self.port,
             context=tls_context(self.pki.ca_cert, self.pki.service_cert, self.pki.service_key),
-            client_id=f"fleet-demo-operator-{os.getpid()}",
+            client_id=wire.operator_client_id("demo-operator"),
             on_message=self._on_message,
         )
         subscribed = threading.Event()

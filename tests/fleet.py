@@ -90,6 +90,7 @@ class Client:
         clean_start: bool = True,
         session_expiry: int = 0,
         will: tuple[str, bytes, list[tuple[str, str]]] | None = None,
+        will_retain: bool = False,
     ) -> None:
         self.client_id = client_id
         self.received = Received()
@@ -113,7 +114,11 @@ class Client:
             if user_properties:
                 props.UserProperty = user_properties
             self.paho.will_set(
-                topic, payload, qos=1, properties=props if protocol == mqtt.MQTTv5 else None
+                topic,
+                payload,
+                qos=1,
+                retain=will_retain,
+                properties=props if protocol == mqtt.MQTTv5 else None,
             )
         self.protocol = protocol
         self._connect_args = dict(clean_start=clean_start, session_expiry=session_expiry)

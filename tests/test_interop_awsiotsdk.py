@@ -33,7 +33,7 @@ def claim_client(fleet: Fleet) -> Iterator[mqtt5.Client]:
         ca_filepath=str(fleet.pki.ca_cert),
         cert_filepath=str(fleet.pki.claim_cert),
         pri_key_filepath=str(fleet.pki.claim_key),
-        client_id="aws-sdk-claim",
+        client_id="claim-aws-sdk",
         enable_metrics_collection=False,
         on_lifecycle_connection_success=lambda _event: connected.set(),
     )

@@ -120,8 +120,8 @@ def test_claim_cannot_take_over_a_connected_device(fleet: Fleet) -> None:
 
 
 def test_claim_cannot_take_over_another_claim_connection(fleet: Fleet) -> None:
-    first = fleet.client(fleet.claim, "onboarding-42")
-    second = fleet.client(fleet.claim, "onboarding-42")
+    first = fleet.client(fleet.claim, "claim-onboarding-42")
+    second = fleet.client(fleet.claim, "claim-onboarding-42")
     assert code(second.connack) == NOT_AUTHORIZED_V5
     assert stays_connected(first)
 
@@ -151,18 +151,21 @@ def test_device_reconnecting_takes_over_its_own_session(fleet: Fleet) -> None:
 
 def test_request_reaches_the_service_stamped_with_the_true_sender(fleet: Fleet) -> None:
     service = fleet.as_service()
-    alice = fleet.client(fleet.claim, "alice")
-    fleet.client(fleet.claim, "bob")
+    alice = fleet.client(fleet.claim, "claim-alice")
+    fleet.client(fleet.claim, "claim-bob")
     alice.publish(
         CSR_TOPIC,
         b'{"certificateSigningRequest": "..."}',
-        user_properties=[("fleet-sender", "1 service 00 - bob"), ("fleet-reply-to", "bob")],
+        user_properties=[
+            ("fleet-sender", "1 service 00 - claim-bob"),
+            ("fleet-reply-to", "claim-bob"),
+        ],
     )
     request = service.received.wait_for(lambda m: m.topic == CSR_TOPIC)
     assert request is not None
     stamp = sender_of(request)
     assert stamp is not None
-    assert stamp.client_id == "alice"
+    assert stamp.client_id == "claim-alice"
     assert stamp.role == "claim"
     assert stamp.certificate_id == fleet.claim_certificate_id
     assert stamp.thing is None
@@ -173,8 +176,8 @@ def test_request_reaches_the_service_stamped_with_the_true_sender(fleet: Fleet) 
 
 def test_reply_reaches_only_the_connection_that_asked(fleet: Fleet) -> None:
     service = fleet.as_service()
-    alice = fleet.client(fleet.claim, "alice-2")
-    bob = fleet.client(fleet.claim, "bob-2")
+    alice = fleet.client(fleet.claim, "claim-alice-2")
+    bob = fleet.client(fleet.claim, "claim-bob-2")
     for c in (alice, bob):
         assert code(c.subscribe(CSR_ACCEPTED)[0]) == 1
     alice.publish(CSR_TOPIC, b"{}")
@@ -200,21 +203,21 @@ def test_reply_reaches_only_the_connection_that_asked(fleet: Fleet) -> None:
 
 def test_reply_to_a_connection_that_is_gone_is_dropped(fleet: Fleet) -> None:
     service = fleet.as_service()
-    first = fleet.client(fleet.claim, "flaky-1")
+    first = fleet.client(fleet.claim, "claim-flaky-1")
     first.publish(CSR_TOPIC, b"{}")
     request = service.received.wait_for(
-        lambda m: m.topic == CSR_TOPIC and client_id_of(m) == "flaky-1"
+        lambda m: m.topic == CSR_TOPIC and client_id_of(m) == "claim-flaky-1"
     )
     assert request is not None
     first.stop()
     # Someone else now holds the same client id: the old connection's reply is not theirs.
-    second = fleet.client(fleet.claim, "flaky-1")
+    second = fleet.client(fleet.claim, "claim-flaky-1")
     second.subscribe(CSR_ACCEPTED)
     service.publish(
         CSR_ACCEPTED,
         b'{"certificateOwnershipToken": "not-yours"}',
         user_properties=[
-            (wire.PROPERTY_REPLY_TO, "flaky-1"),
+            (wire.PROPERTY_REPLY_TO, "claim-flaky-1"),
             (wire.PROPERTY_CONNECTION, sender_of(request).connection),  # type: ignore[union-attr]
         ],
     )
@@ -224,7 +227,7 @@ def test_reply_to_a_connection_that_is_gone_is_dropped(fleet: Fleet) -> None:
 
 def test_provisioning_reply_broadcast_reaches_no_claim_client(fleet: Fleet) -> None:
     service = fleet.as_service()
-    listener = fleet.client(fleet.claim, "eavesdropper")
+    listener = fleet.client(fleet.claim, "claim-eavesdropper")
     assert code(listener.subscribe(CSR_ACCEPTED)[0]) == 1  # the AWS SDK needs the grant
     service.publish(CSR_ACCEPTED, b'{"certificateOwnershipToken": "broadcast"}')
     time.sleep(0.5)
@@ -233,9 +236,12 @@ def test_provisioning_reply_broadcast_reaches_no_claim_client(fleet: Fleet) -> N
 
 def test_requests_are_never_broadcast_or_retained(fleet: Fleet) -> None:
     service = fleet.as_service()
-    sender = fleet.client(fleet.claim, "retainer")
-    sender.publish(CSR_TOPIC, b"{}", retain=True)
-    request = service.received.wait_for(lambda m: client_id_of(m) == "retainer")
+    sender = fleet.client(fleet.claim, "claim-retainer")
+    # A retained request is refused outright (a retained Will there would stick for good).
+    refused = sender.publish(CSR_TOPIC, b"{}", retain=True)
+    assert code(sender.puback(refused)) == NOT_AUTHORIZED_V5
+    sender.publish(CSR_TOPIC, b"{}")
+    request = service.received.wait_for(lambda m: client_id_of(m) == "claim-retainer")
     assert request is not None and not request.retain
     # A fresh subscriber with every right there is (the service identity) sees no retained copy.
     late = fleet.client(fleet.service, "late-reader")
@@ -447,13 +453,13 @@ def test_sighup_keeps_offline_sessions_and_their_queued_messages(fleet: Fleet) -
 
 def test_last_will_cannot_forge_a_request(fleet: Fleet) -> None:
     service = fleet.as_service()
-    victim = fleet.client(fleet.claim, "will-victim")
+    victim = fleet.client(fleet.claim, "claim-will-victim")
     victim.publish(CSR_TOPIC, b"{}")
-    stamped = service.received.wait_for(lambda m: client_id_of(m) == "will-victim")
+    stamped = service.received.wait_for(lambda m: client_id_of(m) == "claim-will-victim")
     assert stamped is not None
     forged = [(k, v) for k, v in request_stamp(stamped).items()]
     attacker = fleet.client(
-        fleet.claim, "will-attacker", will=(CSR_TOPIC, b'{"forged": true}', forged)
+        fleet.claim, "claim-will-attacker", will=(CSR_TOPIC, b'{"forged": true}', forged)
     )
     assert attacker.accepted
     attacker.drop()  # ungraceful: the broker publishes the will

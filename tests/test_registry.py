@@ -22,6 +22,7 @@ from broker.registry import (
     Registration,
     RegistryError,
     SQLiteRegistry,
+    ThingStatus,
     UnknownCertificate,
     UnknownTarget,
     UnknownThing,
@@ -29,8 +30,10 @@ from broker.registry import (
 
 UTC = dt.timezone.utc
 PLUGIN_CERT_QUERY = (
-    "SELECT status, role, thing_name, awaiting_first_connect FROM certificates WHERE id = ?1"
+    "SELECT c.status, c.role, c.thing_name, c.awaiting_first_connect, t.status"
+    " FROM certificates c LEFT JOIN things t ON t.name = c.thing_name WHERE c.id = ?1"
 )
+PLUGIN_SWEEP_QUERY = "SELECT id FROM certificates WHERE updated_at > ?1 AND status != 'ACTIVE'"
 PLUGIN_THING_QUERY = "SELECT 1 FROM things WHERE name = ?1"
 
 
@@ -232,10 +235,19 @@ def test_revoke_unknown_target(registry: SQLiteRegistry) -> None:
     message = str(caught.value)
     assert message.startswith("'nothing-here' is neither a thing name nor a certificate id")
     assert "\n" not in message
-    with pytest.raises(UnknownTarget, match="'lonely' has no certificates"):
-        registry.revoke("lonely")
     with pytest.raises(UnknownTarget):
         registry.revoke("ab" * 32)
+
+
+def test_revoking_a_thing_without_certificates_still_revokes_the_thing(
+    registry: SQLiteRegistry,
+) -> None:
+    # A registration in flight must not slip in after the revocation.
+    registry.create_or_update_thing("lonely")
+    assert registry.revoke("lonely", actor="ops") == []
+    thing = registry.get_thing("lonely")
+    assert thing is not None and thing.status is ThingStatus.REVOKED
+    assert thing.revoked_by == "ops" and thing.revoked_at is not None
 
 
 def test_ownership_token_single_use(
@@ -266,7 +278,7 @@ def test_issue_device_certificate_is_one_transaction(
     record = registry.issue_device_certificate(new_cert(ca, "issued"), "token-one", later)
     assert record.status is CertificateStatus.PENDING_ACTIVATION
     assert record.role is CertificateRole.DEVICE
-    assert registry.peek_ownership_token("token-one") == record.id
+    assert registry.peek_ownership_token("token-one").certificate_id == record.id
 
     # The token cannot be stored (already issued): the certificate is not kept either.
     second = new_cert(ca, "orphan")
@@ -327,7 +339,8 @@ def test_plugin_read_only_queries_during_a_write(
             registry._db.execute("UPDATE things SET version = version + 1 WHERE name = 't1'")
             try:
                 row = reader.execute(PLUGIN_CERT_QUERY, (cert_id,)).fetchone()
-                assert row == ("ACTIVE", "device", "t1", 0)
+                assert row == ("ACTIVE", "device", "t1", 0, "ACTIVE")
+                assert reader.execute(PLUGIN_SWEEP_QUERY, (0,)).fetchall() == []
                 assert reader.execute(PLUGIN_THING_QUERY, ("t1",)).fetchone() == (1,)
                 assert reader.execute(PLUGIN_THING_QUERY, ("t2",)).fetchone() is None
             finally:
@@ -412,12 +425,27 @@ def test_renewal_does_not_retire_a_revoked_certificate_twice(
 
 def test_schema_1_is_migrated_in_place(tmp_path: Path, ca: CertificateAuthority) -> None:
     path = tmp_path / "registry.db"
-    v1_schema = SCHEMA.replace(
-        "    revoked_at REAL,\n    renewal_of TEXT,\n"
-        "    awaiting_first_connect INTEGER NOT NULL DEFAULT 0\n",
-        "    revoked_at REAL\n",
+    v1_schema = (
+        SCHEMA.replace(
+            "    revoked_at REAL,\n    renewal_of TEXT,\n"
+            "    awaiting_first_connect INTEGER NOT NULL DEFAULT 0,\n    registered_by TEXT\n",
+            "    revoked_at REAL\n",
+        )
+        .replace(
+            "    updated_at REAL NOT NULL,\n    status TEXT NOT NULL DEFAULT 'ACTIVE'"
+            " CHECK (status IN ('ACTIVE', 'REVOKED')),\n    revoked_at REAL,\n"
+            "    revoked_by TEXT\n",
+            "    updated_at REAL NOT NULL\n",
+        )
+        .replace("    used_at REAL,\n    requested_by TEXT\n", "    used_at REAL\n")
+        .replace(
+            "CREATE INDEX IF NOT EXISTS certificates_updated_at ON certificates(updated_at);\n",
+            "",
+        )
     )
-    assert "renewal_of" not in v1_schema
+    v1_schema = v1_schema[: v1_schema.index("CREATE TABLE IF NOT EXISTS audit_log")]
+    for newer in ("renewal_of", "registered_by", "requested_by", "revoked_by", "audit_log"):
+        assert newer not in v1_schema
     db = sqlite3.connect(path)
     db.executescript(v1_schema)
     db.execute("INSERT INTO meta VALUES ('schema_version', '1')")
@@ -443,6 +471,8 @@ def test_schema_1_is_migrated_in_place(tmp_path: Path, ca: CertificateAuthority)
             "device",
             "t1",
             0,
+            "ACTIVE",
         )
+        assert db.execute(PLUGIN_SWEEP_QUERY, (-1,)).fetchall() == []
     finally:
         db.close()

@@ -29,6 +29,25 @@
  * the service, stamped with that connection's identity, on
  * EVENT_FIRST_CONNECT_TOPIC; the service then counts it as in use and, for a
  * renewal, retires the certificate it replaces. One message per certificate.
+ *
+ * Client-id spaces: a device's client id is its thing name; a claim's must start
+ * with plugin_opt_claim_prefix (default "claim-", a prefix no thing name may take),
+ * so a claim can neither take nor probe a thing's id; ids starting with '@' (no
+ * thing name has one) belong to the service identity: its operator tools.
+ *
+ * Revocation does not rest on one message: once a second (MOSQ_EVT_TICK) the plugin
+ * asks the registry which certificates stopped being ACTIVE lately and disconnects
+ * whoever still uses one, so a lost kick costs at most a second.
+ *
+ * Quota: devices and claims may send plugin_opt_request_rate requests a second
+ * (token bucket of plugin_opt_request_burst). A request beyond it is not forwarded:
+ * it gets a 429 on its rejected topic (AWS's answer to throttled requests), the
+ * first request_burst of every 10 s at most, and a connection with more than
+ * plugin_opt_flood_disconnect requests over quota within 10 s is disconnected. So one client
+ * cannot fill the services' queue and make the broker drop everybody's requests.
+ * Requests with QoS 2 (AWS IoT has none; Mosquitto would run a resent one twice)
+ * and retained requests (a retained Will would stick where its device cannot
+ * clear it) are refused on request topics.
  */
 #include <ctype.h>
 #include <stdbool.h>
@@ -36,6 +55,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/time.h>
+#include <time.h>
 
 #include <openssl/evp.h>
 #include <openssl/x509.h>
@@ -53,6 +74,10 @@
 #define EVENT_FIRST_CONNECT_TOPIC "$fleet/v1/events/first-connect"
 #define CERT_ID_LEN 64
 #define BUCKETS 16384
+#define OPERATOR_ID_PREFIX '@'
+#define SWEEP_OVERLAP_S 30.0 /* a write's timestamp precedes its commit */
+#define MAX_PENDING_KICKS 256
+#define FLOOD_WINDOW_S 10.0
 
 enum role { ROLE_NONE = 0, ROLE_DEVICE = 1, ROLE_CLAIM = 2, ROLE_SERVICE = 4 };
 enum access { ACC_PUBLISH = 1, ACC_SUBSCRIBE = 2, ACC_RECEIVE = 4 };
@@ -77,6 +102,10 @@ struct conn {
 	unsigned long long serial;
 	enum role role;
 	char cert_id[CERT_ID_LEN + 1];
+	double tokens;          /* request quota left (token bucket) */
+	double refilled_at;     /* monotonic seconds */
+	unsigned long throttled;  /* requests over quota in the current window */
+	double window_at;         /* monotonic seconds the window began */
 	struct conn *next;
 };
 
@@ -87,7 +116,15 @@ static char *service_id;
 static sqlite3 *registry;
 static sqlite3_stmt *stmt_certificate;
 static sqlite3_stmt *stmt_thing;
+static sqlite3_stmt *stmt_changed;
 static struct policy policy;
+static char *claim_prefix;
+static double request_rate = 100.0;       /* per second; 0: no quota */
+static double request_burst = 100.0;
+static unsigned long flood_disconnect = 1000;
+static double last_sweep_at;              /* wall-clock seconds of the last sweep */
+static char *pending_kicks[MAX_PENDING_KICKS];
+static size_t pending_kick_count;
 static struct conn *conns[BUCKETS];
 static unsigned long long next_serial = 1;
 
@@ -98,6 +135,20 @@ static unsigned long hash_str(const char *s)
 	unsigned long h = 5381;
 	while(*s) h = h * 33 + (unsigned char)*s++;
 	return h % BUCKETS;
+}
+
+static double wall_seconds(void)
+{
+	struct timeval tv;
+	gettimeofday(&tv, NULL);
+	return (double)tv.tv_sec + (double)tv.tv_usec / 1e6;
+}
+
+static double monotonic_seconds(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
 static struct conn *conn_find(const char *client_id)
@@ -329,8 +380,11 @@ static bool lookup_certificate(const char *cert_id, struct cert_record *rec)
 		const char *status = (const char *)sqlite3_column_text(stmt_certificate, 0);
 		const char *role = (const char *)sqlite3_column_text(stmt_certificate, 1);
 		const char *thing = (const char *)sqlite3_column_text(stmt_certificate, 2);
+		const char *thing_status = (const char *)sqlite3_column_text(stmt_certificate, 4);
 		rec->found = true;
-		rec->active = status && !strcmp(status, "ACTIVE");
+		/* A revoked thing's certificates are refused too, whatever their own status. */
+		rec->active = status && !strcmp(status, "ACTIVE")
+			&& (!thing_status || !strcmp(thing_status, "ACTIVE"));
 		rec->role = role ? (enum role)parse_roles(role) : ROLE_NONE;
 		rec->awaiting_first_connect = sqlite3_column_int(stmt_certificate, 3) != 0;
 		if(thing && strlen(thing) < sizeof(rec->thing)) strcpy(rec->thing, thing);
@@ -365,10 +419,13 @@ static int registry_open(void)
 		return MOSQ_ERR_INVAL;
 	}
 	sqlite3_busy_timeout(registry, 2000);
-	if(sqlite3_prepare_v2(registry, "SELECT status, role, thing_name, awaiting_first_connect FROM certificates WHERE id = ?1",
+	if(sqlite3_prepare_v2(registry, "SELECT c.status, c.role, c.thing_name, c.awaiting_first_connect, t.status"
+				" FROM certificates c LEFT JOIN things t ON t.name = c.thing_name WHERE c.id = ?1",
 				-1, &stmt_certificate, NULL) != SQLITE_OK
 			|| sqlite3_prepare_v2(registry, "SELECT 1 FROM things WHERE name = ?1",
-				-1, &stmt_thing, NULL) != SQLITE_OK){
+				-1, &stmt_thing, NULL) != SQLITE_OK
+			|| sqlite3_prepare_v2(registry, "SELECT id FROM certificates WHERE updated_at > ?1 AND status != 'ACTIVE'",
+				-1, &stmt_changed, NULL) != SQLITE_OK){
 		mosquitto_log_printf(MOSQ_LOG_ERR, LOG_PREFIX "registry %s has no fleet schema: %s",
 				registry_path, sqlite3_errmsg(registry));
 		return MOSQ_ERR_INVAL;
@@ -432,6 +489,13 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
 			if(service_id && !strcmp(client_id, service_id)){
 				return refuse(client_id, cert_id, "client id reserved for the fleet services");
 			}
+			if(client_id[0] == OPERATOR_ID_PREFIX){
+				return refuse(client_id, cert_id, "client id reserved for operator tools");
+			}
+			if(claim_prefix[0] && strncmp(client_id, claim_prefix, strlen(claim_prefix))){
+				/* Decided by the id alone: the answer says nothing about the registry. */
+				return refuse(client_id, cert_id, "a claim's client id must start with the claim prefix");
+			}
 			if(existing) return refuse(client_id, cert_id, "client id in use by another connection");
 			switch(thing_exists(client_id)){
 				case 1: return refuse(client_id, cert_id, "client id is a registered thing's name");
@@ -444,6 +508,7 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
 				return refuse(client_id, cert_id, "client id in use by another identity");
 			}
 			if(service_id && !strcmp(client_id, service_id)) break; /* reserved for it */
+			if(client_id[0] == OPERATOR_ID_PREFIX) break; /* operator tools: no thing has one */
 			switch(thing_exists(client_id)){
 				case 1: return refuse(client_id, cert_id, "client id is a registered thing's name");
 				case 0: break;
@@ -482,6 +547,10 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
 	existing->client = ed->client;
 	existing->serial = next_serial++;
 	existing->role = rec.role;
+	existing->tokens = request_burst;
+	existing->refilled_at = monotonic_seconds();
+	existing->throttled = 0;
+	existing->window_at = existing->refilled_at;
 	memcpy(existing->cert_id, cert_id, sizeof(cert_id));
 	if(rec.role == ROLE_DEVICE && rec.awaiting_first_connect) notify_first_connect(existing, rec.thing);
 	return MOSQ_ERR_SUCCESS;
@@ -516,6 +585,10 @@ static int on_acl_check(int event, void *event_data, void *userdata)
 		default: return MOSQ_ERR_ACL_DENIED;
 	}
 	if(role == ROLE_NONE) return MOSQ_ERR_ACL_DENIED;
+	if(access == ACC_PUBLISH && (ed->qos == 2 || ed->retain) && is_request_topic(ed->topic)){
+		/* Wills are checked here too: a retained Will on a request topic never sticks. */
+		return MOSQ_ERR_ACL_DENIED;
+	}
 	if(access == ACC_SUBSCRIBE && !strncmp(ed->topic, "$share/", 7)){
 		/* Shared subscriptions: judge the filter after "$share/<group>/". */
 		const char *rest = strchr(ed->topic + 7, '/');
@@ -688,6 +761,106 @@ static void notify_first_connect(const struct conn *c, const char *thing)
 	}
 }
 
+/* Take one request from the connection's quota; false when it has none left. */
+static bool take_quota(struct conn *c)
+{
+	double now, tokens;
+	if(request_rate <= 0 || c->role == ROLE_SERVICE) return true;
+	now = monotonic_seconds();
+	tokens = c->tokens + (now - c->refilled_at) * request_rate;
+	c->tokens = tokens > request_burst ? request_burst : tokens;
+	c->refilled_at = now;
+	if(c->tokens < 1.0) return false;
+	c->tokens -= 1.0;
+	return true;
+}
+
+/* The request's clientToken, if it is a plain JSON string of at most 64 bytes. */
+static void client_token_of(const char *payload, size_t len, char out[65])
+{
+	static const char key[] = "\"clientToken\"";
+	const char *end = payload + len, *p;
+	out[0] = '\0';
+	for(p = payload; p + sizeof(key) - 1 < end; p++){
+		if(memcmp(p, key, sizeof(key) - 1)) continue;
+		p += sizeof(key) - 1;
+		while(p < end && isspace((unsigned char)*p)) p++;
+		if(p >= end || *p++ != ':') return;
+		while(p < end && isspace((unsigned char)*p)) p++;
+		if(p >= end || *p++ != '"') return;
+		for(size_t n = 0; p + n < end && n <= 64; n++){
+			unsigned char ch = (unsigned char)p[n];
+			if(ch == '"'){
+				memcpy(out, p, n);
+				out[n] = '\0';
+				return;
+			}
+			if(ch == '\\' || ch < 0x20) return;
+		}
+		return;
+	}
+}
+
+static bool ends_with(const char *s, const char *suffix)
+{
+	size_t n = strlen(s), m = strlen(suffix);
+	return n >= m && !strcmp(s + n - m, suffix);
+}
+
+/* AWS's answer to a throttled request, on its rejected topic, to that connection only. */
+static void reply_throttled(const struct mosquitto_evt_message *ed, const char *client_id)
+{
+	char topic[512], token[65], payload[256];
+	int n;
+	if(ends_with(ed->topic, "/cbor")) return; /* this plugin speaks no CBOR */
+	if(snprintf(topic, sizeof(topic), "%s/rejected", ed->topic) >= (int)sizeof(topic)) return;
+	if(!strncmp(ed->topic, "$aws/things/", 12)){
+		client_token_of(ed->payload, ed->payloadlen, token);
+		n = snprintf(payload, sizeof(payload),
+				"{\"code\":429,\"message\":\"Too Many Requests\",\"timestamp\":%lld%s%s%s}",
+				(long long)time(NULL), token[0] ? ",\"clientToken\":\"" : "", token, token[0] ? "\"" : "");
+	}else{
+		n = snprintf(payload, sizeof(payload),
+				"{\"statusCode\":429,\"errorCode\":\"Throttling\",\"errorMessage\":"
+				"\"Too many requests from this connection; slow down.\"}");
+	}
+	if(n <= 0 || n >= (int)sizeof(payload)) return;
+	mosquitto_broker_publish_copy(client_id, topic, n, payload, 0, false, NULL);
+}
+
+static void schedule_kick(const char *client_id)
+{
+	char *id;
+	if(pending_kick_count >= MAX_PENDING_KICKS) return;
+	for(size_t i = 0; i < pending_kick_count; i++){
+		if(!strcmp(pending_kicks[i], client_id)) return;
+	}
+	id = mosquitto_strdup(client_id);
+	if(id) pending_kicks[pending_kick_count++] = id;
+}
+
+static int throttle(struct mosquitto_evt_message *ed, struct conn *c)
+{
+	double now = monotonic_seconds();
+	if(now - c->window_at >= FLOOD_WINDOW_S){
+		c->window_at = now;
+		c->throttled = 0;
+	}
+	c->throttled++;
+	if(c->throttled == 1){
+		mosquitto_log_printf(MOSQ_LOG_NOTICE, LOG_PREFIX "throttling '%s': over %.0f requests/s",
+				c->client_id, request_rate);
+	}
+	/* Answer the first ones of a window: a flood must not become a flood of answers. */
+	if(c->throttled <= (unsigned long)request_burst) reply_throttled(ed, c->client_id);
+	if(flood_disconnect && c->throttled == flood_disconnect){
+		mosquitto_log_printf(MOSQ_LOG_NOTICE, LOG_PREFIX "disconnecting '%s': %lu requests over its quota within %.0f s",
+				c->client_id, c->throttled, FLOOD_WINDOW_S);
+		schedule_kick(c->client_id); /* never from inside its own message */
+	}
+	return sink(ed);
+}
+
 static int forward_request(struct mosquitto_evt_message *ed, const char *client_id, enum role role,
 		const char *username)
 {
@@ -699,6 +872,7 @@ static int forward_request(struct mosquitto_evt_message *ed, const char *client_
 		/* Cannot tell who this is: never forward an unattributed request. */
 		return sink(ed);
 	}
+	if(!take_quota(c)) return throttle(ed, c);
 	if(!copy_without_fleet(&props, ed->properties) || add_sender(&props, c, username) != MOSQ_ERR_SUCCESS){
 		mosquitto_property_free_all(&props);
 		return MOSQ_ERR_NOMEM;
@@ -741,6 +915,28 @@ static int on_message(int event, void *event_data, void *userdata)
 
 /* ---------------------------------------------------------------- control */
 
+/* Disconnect every connection whose certificate id is in ids. */
+static void kick_certificates(char **ids, size_t count, const struct mosquitto *spare)
+{
+	for(size_t b = 0; b < BUCKETS && count; b++){
+		struct conn *c = conns[b];
+		while(c){
+			struct conn *next = c->next;
+			for(size_t i = 0; i < count; i++){
+				if(c->client == spare || strcmp(c->cert_id, ids[i])) continue;
+				char *id = mosquitto_strdup(c->client_id); /* the kick frees c */
+				if(id){
+					mosquitto_log_printf(MOSQ_LOG_NOTICE, LOG_PREFIX "disconnecting '%s': certificate %.12s revoked or no longer ACTIVE", id, ids[i]);
+					mosquitto_kick_client_by_clientid(id, false);
+					mosquitto_free(id);
+				}
+				break;
+			}
+			c = next;
+		}
+	}
+}
+
 /* Payload: lines "kick-certificate <id>". Only the service identity may send. */
 static int on_control(int event, void *event_data, void *userdata)
 {
@@ -757,25 +953,56 @@ static int on_control(int event, void *event_data, void *userdata)
 	memcpy(text, ed->payload, ed->payloadlen);
 	for(line = strtok_r(text, "\n", &save); line; line = strtok_r(NULL, "\n", &save)){
 		char cert_id[CERT_ID_LEN + 1];
+		char *ids[1] = {cert_id};
 		if(sscanf(line, "kick-certificate %64s", cert_id) != 1) continue;
-		for(size_t b = 0; b < BUCKETS; b++){
-			struct conn *c = conns[b];
-			while(c){
-				struct conn *next = c->next;
-				/* Never kick the publisher from inside its own message. */
-				if(!strcmp(c->cert_id, cert_id) && c->client != ed->client){
-					char *id = mosquitto_strdup(c->client_id); /* the kick frees c */
-					if(id){
-						mosquitto_log_printf(MOSQ_LOG_NOTICE, LOG_PREFIX "disconnecting '%s': certificate %.12s revoked", id, cert_id);
-						mosquitto_kick_client_by_clientid(id, false);
-						mosquitto_free(id);
-					}
-				}
-				c = next;
-			}
-		}
+		kick_certificates(ids, 1, ed->client); /* never the publisher, inside its own message */
 	}
 	mosquitto_free(text);
+	return MOSQ_ERR_SUCCESS;
+}
+
+/* Certificates that stopped being ACTIVE since the last sweep (with an overlap). */
+static void sweep_revoked(double now)
+{
+	char *ids[256];
+	size_t count = 0;
+	int rc;
+	sqlite3_reset(stmt_changed);
+	sqlite3_bind_double(stmt_changed, 1, (last_sweep_at ? last_sweep_at : now) - SWEEP_OVERLAP_S);
+	while((rc = sqlite3_step(stmt_changed)) == SQLITE_ROW){
+		const char *id = (const char *)sqlite3_column_text(stmt_changed, 0);
+		if(id && count < sizeof(ids) / sizeof(ids[0])){
+			ids[count] = mosquitto_strdup(id);
+			if(ids[count]) count++;
+		}
+		if(count == sizeof(ids) / sizeof(ids[0])){
+			kick_certificates(ids, count, NULL);
+			for(size_t i = 0; i < count; i++) mosquitto_free(ids[i]);
+			count = 0;
+		}
+	}
+	sqlite3_reset(stmt_changed);
+	if(rc != SQLITE_DONE){
+		mosquitto_log_printf(MOSQ_LOG_ERR, LOG_PREFIX "revocation sweep failed: %s", sqlite3_errmsg(registry));
+	}else{
+		last_sweep_at = now;
+	}
+	kick_certificates(ids, count, NULL);
+	for(size_t i = 0; i < count; i++) mosquitto_free(ids[i]);
+}
+
+static int on_tick(int event, void *event_data, void *userdata)
+{
+	double now = wall_seconds();
+	(void)event;
+	(void)event_data;
+	(void)userdata;
+	for(size_t i = 0; i < pending_kick_count; i++){
+		mosquitto_kick_client_by_clientid(pending_kicks[i], false);
+		mosquitto_free(pending_kicks[i]);
+	}
+	pending_kick_count = 0;
+	if(now - last_sweep_at >= 1.0) sweep_revoked(now);
 	return MOSQ_ERR_SUCCESS;
 }
 
@@ -813,6 +1040,16 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **user_data,
 		if(!strcmp(opts[i].key, "registry")) registry_path = mosquitto_strdup(opts[i].value);
 		else if(!strcmp(opts[i].key, "policy")) policy_path = mosquitto_strdup(opts[i].value);
 		else if(!strcmp(opts[i].key, "service_id")) service_id = mosquitto_strdup(opts[i].value);
+		else if(!strcmp(opts[i].key, "claim_prefix")) claim_prefix = mosquitto_strdup(opts[i].value);
+		else if(!strcmp(opts[i].key, "request_rate")) request_rate = strtod(opts[i].value, NULL);
+		else if(!strcmp(opts[i].key, "request_burst")) request_burst = strtod(opts[i].value, NULL);
+		else if(!strcmp(opts[i].key, "flood_disconnect")) flood_disconnect = strtoul(opts[i].value, NULL, 10);
+	}
+	if(!claim_prefix) claim_prefix = mosquitto_strdup("claim-");
+	if(!claim_prefix) return MOSQ_ERR_NOMEM;
+	if(request_rate < 0 || request_burst < 1){
+		mosquitto_log_printf(MOSQ_LOG_ERR, LOG_PREFIX "plugin_opt_request_rate must be >= 0 and plugin_opt_request_burst >= 1");
+		return MOSQ_ERR_INVAL;
 	}
 	if(!registry_path || !policy_path || !service_id){
 		mosquitto_log_printf(MOSQ_LOG_ERR, LOG_PREFIX "plugin_opt_registry, plugin_opt_policy and plugin_opt_service_id are required");
@@ -826,12 +1063,14 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **user_data,
 			|| mosquitto_callback_register(plugin_id, MOSQ_EVT_MESSAGE, on_message, NULL, NULL)
 			|| mosquitto_callback_register(plugin_id, MOSQ_EVT_DISCONNECT, on_disconnect, NULL, NULL)
 			|| mosquitto_callback_register(plugin_id, MOSQ_EVT_RELOAD, on_reload, NULL, NULL)
+			|| mosquitto_callback_register(plugin_id, MOSQ_EVT_TICK, on_tick, NULL, NULL)
 			|| mosquitto_callback_register(plugin_id, MOSQ_EVT_CONTROL, on_control, CONTROL_TOPIC, NULL)){
 		mosquitto_log_printf(MOSQ_LOG_ERR, LOG_PREFIX "cannot register callbacks");
 		return MOSQ_ERR_INVAL;
 	}
-	mosquitto_log_printf(MOSQ_LOG_NOTICE, LOG_PREFIX "enforcing %zu policy rules, %zu request topics; registry %s",
-			policy.rule_count, policy.forward_count, registry_path);
+	mosquitto_log_printf(MOSQ_LOG_NOTICE, LOG_PREFIX "enforcing %zu policy rules, %zu request topics; registry %s;"
+			" quota %.0f requests/s (burst %.0f); claim client ids '%s...'",
+			policy.rule_count, policy.forward_count, registry_path, request_rate, request_burst, claim_prefix);
 	return MOSQ_ERR_SUCCESS;
 }
 
@@ -845,7 +1084,10 @@ int mosquitto_plugin_cleanup(void *user_data, struct mosquitto_opt *opts, int op
 	mosquitto_callback_unregister(plugin_id, MOSQ_EVT_MESSAGE, on_message, NULL);
 	mosquitto_callback_unregister(plugin_id, MOSQ_EVT_DISCONNECT, on_disconnect, NULL);
 	mosquitto_callback_unregister(plugin_id, MOSQ_EVT_RELOAD, on_reload, NULL);
+	mosquitto_callback_unregister(plugin_id, MOSQ_EVT_TICK, on_tick, NULL);
 	mosquitto_callback_unregister(plugin_id, MOSQ_EVT_CONTROL, on_control, CONTROL_TOPIC);
+	for(size_t i = 0; i < pending_kick_count; i++) mosquitto_free(pending_kicks[i]);
+	pending_kick_count = 0;
 	for(size_t b = 0; b < BUCKETS; b++){
 		while(conns[b]){
 			struct conn *c = conns[b];
@@ -857,9 +1099,11 @@ int mosquitto_plugin_cleanup(void *user_data, struct mosquitto_opt *opts, int op
 	policy_free(&policy);
 	sqlite3_finalize(stmt_certificate);
 	sqlite3_finalize(stmt_thing);
+	sqlite3_finalize(stmt_changed);
 	sqlite3_close(registry);
 	mosquitto_free(registry_path);
 	mosquitto_free(policy_path);
 	mosquitto_free(service_id);
+	mosquitto_free(claim_prefix);
 	return MOSQ_ERR_SUCCESS;
 }
