@@ -18,7 +18,7 @@ from typing import Any, Final
 from agent import wire
 from agent.control import SOCKET_NAME
 from agent.handlers import UNHANDLED_POLICIES, Unhandled
-from agent.keystore import DEFAULT_STATE_DIR, KEY_TYPES, KeyType
+from agent.keystore import DEFAULT_STATE_DIR, KEY_TYPES, KeyType, key_mode_problem
 from agent.provisioning import DEFAULT_COMMON_NAME, DEFAULT_TEMPLATE
 from agent.renewal import RenewalPolicy
 
@@ -487,8 +487,20 @@ def _control_socket(path: Path, value: object, problems: list[str]) -> Path | No
 
 
 def claim_file_problems(path: Path, certificate: Path, key: Path) -> list[str]:
-    """Problems with the claim certificate and key files (none if both are readable)."""
+    """Problems with the claim certificate and key files (none if both are readable and the
+    key is private: a claim key group or others may read is refused like the device key)."""
     problems: list[str] = []
     _check_readable(f"{path}: claim.certificate", certificate, problems, what="claim certificate")
-    _check_readable(f"{path}: claim.key", key, problems, what="claim key")
+    label = f"{path}: claim.key"
+    before = len(problems)
+    _check_readable(label, key, problems, what="claim key")
+    if len(problems) == before:
+        try:
+            mode = key.stat().st_mode
+        except OSError as exc:
+            problems.append(f"{label}: cannot read the claim key {key}: {exc.strerror}")
+        else:
+            problem = key_mode_problem(key, mode, what="claim key")
+            if problem is not None:
+                problems.append(f"{label}: {problem}")
     return problems

@@ -76,6 +76,18 @@ def same_public_key(key: PrivateKey, certificate: x509.Certificate) -> bool:
     return der(key.public_key()) == der(certificate.public_key())
 
 
+def key_mode_problem(path: Path, mode: int, *, what: str) -> str | None:
+    """The one-line refusal of a private key file (``what``: "device key", "claim key")
+    that group or others may read or write, given its ``st_mode``; None if it is private.
+
+    The one check for every private key the agent reads (the device key here, the claim key
+    in agent.config), so that they are refused alike."""
+    mode = stat.S_IMODE(mode)
+    if not mode & 0o077:
+        return None
+    return f"{what} {path} is mode {mode:03o}, readable by others; run: chmod 600 {path}"
+
+
 # ------------------------------------------------------------------------ atomic writes
 
 
@@ -345,12 +357,9 @@ class Keystore:
         except OSError as exc:
             raise KeystoreError(f"cannot read the device key {path}: {exc.strerror}") from None
         try:
-            mode = stat.S_IMODE(os.fstat(fd).st_mode)
-            if mode & 0o077:
-                raise KeystoreError(
-                    f"device key {path} is mode {mode:03o}, readable by others; "
-                    f"run: chmod 600 {path}"
-                )
+            problem = key_mode_problem(path, os.fstat(fd).st_mode, what="device key")
+            if problem is not None:
+                raise KeystoreError(problem)
             with os.fdopen(fd, "rb", closefd=False) as stream:
                 data = stream.read()
         finally:

@@ -79,7 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="first measure bare mutual-TLS connects/s for this long (the onboarding ceiling)",
     )
-    run.add_argument("--out", type=Path, help="report folder (default fleet-sim-<time>)")
+    run.add_argument(
+        "--out",
+        type=Path,
+        help="report folder (default fleet-sim-<time>): the report, plots and the local broker "
+        "side's logs; its PKI and registry stay in a private temporary folder, removed at the end",
+    )
     locust_command.add_parser(sub)
     return parser
 

@@ -448,4 +448,7 @@ async def _attacks(
     await demo_attacks.impostor(report, target, attacker, agent, agent_thing)
     await demo_attacks.device_overreach(report, attacker, agent_thing)
     await demo_attacks.claim_overreach(report, target, claim_context, agent_thing)
+    if attacker is not victim:  # the flood ends with the attacker disconnected
+        await demo_attacks.flood(report, attacker, victim)
     await demo_attacks.revocation(report, target, victim, operator, side.pki.root, side.reload_crl)
+    await demo_attacks.reregistration(report, target, claim_context, victim)

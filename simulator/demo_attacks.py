@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from agent import wire
+from agent.provisioning import ProvisioningRejected
 from agent.session import (
     ConnectRefused,
     PublishRefused,
@@ -30,9 +31,12 @@ from broker import bootstrap
 from simulator.demo_agent import DemoAgent
 from simulator.demo_operator import Operator
 from simulator.demo_report import Report
-from simulator.virtual_device import Target, VirtualDevice
+from simulator.metrics import Recorder
+from simulator.virtual_device import Counters, Target, VirtualDevice
 
 KICK_TIMEOUT = 5.0
+FLOOD_REQUESTS = 3000  # over the broker's 1,000-over-quota disconnect threshold
+PROBES = 20
 
 
 async def _refused_code(action: Callable[[], Awaitable[object]]) -> str:
@@ -191,4 +195,103 @@ async def revocation(
         detail += " (by the registry check; the broker reads the new CRL at its next reload)"
     report.check(
         "a revoked certificate cannot connect again", refused, f"{thing} reconnecting: {detail}"
+    )
+
+
+async def reregistration(
+    report: Report, target: Target, claim_context: ssl.SSLContext, revoked: VirtualDevice
+) -> None:
+    """The revoked device was stolen and still carries the shared claim: it onboards its serial
+    again. The thing is REVOKED, so RegisterThing is refused until an operator enables it."""
+    again = VirtualDevice(
+        revoked.serial,
+        target,
+        claim_context,
+        Recorder(time.time()),
+        Counters(),
+        parameters=revoked.parameters,
+    )
+    try:
+        await again.onboard()
+    except ProvisioningRejected as exc:
+        refused = exc.status_code == 403
+        detail = f"RegisterThing {exc.error_code} ({exc.status_code}): {exc.error_message}"
+    except SessionError as exc:
+        refused, detail = False, f"failed otherwise: {exc}"
+    else:
+        await again.close()
+        refused, detail = False, f"accepted (BAD): {again.thing} onboarded again"
+    report.check(
+        "a revoked thing cannot be registered again with the claim",
+        refused,
+        f"{revoked.thing} (serial {revoked.serial}) through the shared claim: {detail}",
+    )
+
+
+async def flood(report: Report, flooder: VirtualDevice, other: VirtualDevice) -> None:
+    """One device floods its shadow topic with QoS 0 updates while another asks for its
+    shadow: the broker's per-connection quota answers the flood with 429s and then a
+    disconnect, and the other device's requests are all answered."""
+    session, thing = flooder.session, flooder.thing
+    probe, probe_thing = other.session, other.thing
+    assert session is not None and thing is not None
+    assert probe is not None and probe_thing is not None
+    throttled = 0
+
+    def count_429(message: object) -> None:
+        nonlocal throttled
+        payload = getattr(message, "payload", b"")
+        throttled += b'"code":429' in payload
+
+    session.route(wire.shadow_reply(thing, "update", wire.REJECTED), count_429)
+    topic = wire.shadow_topic(thing, "update")
+
+    async def send_flood() -> int:
+        sent = 0
+        for n in range(FLOOD_REQUESTS):
+            if session.closed:
+                break
+            body = json.dumps({"state": {"reported": {"flood": n}}}).encode()
+            try:
+                await session.publish(topic, body, qos=0)
+            except SessionError:
+                break
+            sent += 1
+            if n % 100 == 99:
+                await asyncio.sleep(0)  # the other devices share this event loop
+        return sent
+
+    async def probe_shadow() -> list[float]:
+        answered = []
+        get = wire.shadow_topic(probe_thing, "get")
+        replies = (
+            wire.shadow_reply(probe_thing, "get", wire.ACCEPTED),
+            wire.shadow_reply(probe_thing, "get", wire.REJECTED),
+        )
+        for i in range(PROBES):
+            started = time.perf_counter()
+            token = json.dumps({"clientToken": f"probe-{i}"}).encode()
+            try:
+                await probe.request(get, token, replies, timeout=10)
+            except SessionError:
+                continue
+            answered.append((time.perf_counter() - started) * 1000)
+            await asyncio.sleep(0.02)
+        return answered
+
+    flood_task = asyncio.create_task(send_flood())
+    latencies = await probe_shadow()
+    sent = await flood_task
+    try:
+        await asyncio.wait_for(session.wait_closed(), KICK_TIMEOUT)
+        disconnected = True
+    except asyncio.TimeoutError:
+        disconnected = False
+    worst = f", slowest {max(latencies):.0f} ms" if latencies else ""
+    report.check(
+        "a flooding device is throttled and the others are answered",
+        len(latencies) == PROBES and throttled > 0 and disconnected,
+        f"{thing} sent {sent} QoS 0 updates at once: {throttled} answered 429 Too Many "
+        f"Requests, {'then disconnected' if disconnected else 'NOT disconnected'}; meanwhile "
+        f"{len(latencies)}/{PROBES} of {probe_thing}'s shadow gets answered{worst}",
     )

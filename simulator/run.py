@@ -6,15 +6,24 @@ broker's ``$SYS`` figures) and the clock (hold, reconnect storm, stop), merges w
 workers measure, shows it live, and at the end writes ``report.json``, ``rates.png`` and
 ``latency.png`` to the output folder and prints a table. Ctrl-C stops the fleet gracefully and
 still writes the report.
+
+The local broker side's work folder (its throw-away PKI with the CA and claim keys, the
+registry, the broker's run folder) is a private temporary folder, never the output folder,
+and is removed when the run ends; only the broker's and the services' logs are copied into
+the output folder (``broker-logs/``), for debugging.
 """
 
 from __future__ import annotations
 
 import json
 import multiprocessing
+import os
+import pwd
 import queue
 import random
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -31,7 +40,7 @@ from rich.table import Table
 from agent import wire
 from broker import bootstrap
 from broker.config import load_config
-from broker.mosquitto import free_port
+from broker.mosquitto import RunFiles, broker_user, free_port
 from broker.mqtt import connect as service_connect
 from broker.mqtt import disconnect as service_disconnect
 from broker.mqtt import tls_context as service_tls
@@ -123,9 +132,47 @@ class FleetState:
         self.recorder.gauge("devices_connected", total)
 
 
+#: Where in the output folder the local broker side's logs are copied (no key, no registry).
+BROKER_LOGS = "broker-logs"
+
+
 @contextmanager
-def broker_side(scenario: Scenario, folder: Path, console: Console) -> Iterator[dict[str, Any]]:
-    """The broker to use: the scenario's, or a local one started (and stopped) here."""
+def private_workdir() -> Iterator[Path]:
+    """A temporary folder for the local broker side, outside the output folder, removed at
+    the end: mode 0700 (ours only). As root, Mosquitto drops to its own user, which must reach
+    its key and the registry in there: then 0710 with that user's group, so it may traverse
+    the folder but not list it, and nobody else may even do that."""
+    folder = Path(tempfile.mkdtemp(prefix="fleet-sim-broker-"))  # 0700 whatever the umask
+    try:
+        user = broker_user()
+        if user not in (None, "root"):
+            os.chown(folder, -1, pwd.getpwnam(user).pw_gid)
+            folder.chmod(0o710)
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def copy_broker_logs(files: RunFiles, output: Path, console: Console) -> None:
+    """The broker's and the services' logs into ``output/broker-logs`` (what a user needs to
+    debug a run once the work folder is gone); nothing else of the work folder."""
+    logs = [path for path in (files.log, files.services_log) if path.is_file()]
+    folder = output / BROKER_LOGS
+    try:
+        if logs:
+            folder.mkdir(parents=True, exist_ok=True)
+        for path in logs:
+            shutil.copyfile(path, folder / path.name)
+    except OSError as exc:
+        console.print(f"warning: could not copy the broker's logs to {folder}: {exc.strerror}")
+
+
+@contextmanager
+def broker_side(scenario: Scenario, output: Path, console: Console) -> Iterator[dict[str, Any]]:
+    """The broker to use: the scenario's, or a local one started (and stopped) here.
+
+    The local one lives in a private temporary folder (see ``private_workdir``), never in
+    ``output``: only its logs are copied there when it stops."""
     if scenario.endpoint is not None:
         yield {
             "endpoint": scenario.endpoint,
@@ -135,25 +182,30 @@ def broker_side(scenario: Scenario, folder: Path, console: Console) -> Iterator[
             "pki": None,
         }
         return
-    workdir = folder / "broker"
-    workdir.mkdir(parents=True, exist_ok=True)
-    workdir.chmod(0o755)  # the broker's user must reach the PKI folder when we are root
-    pki = bootstrap.initialize(workdir / "certs")
-    config = load_config(pki.root, port=free_port(), bind_address="127.0.0.1")
-    stack = Stack(config, with_services=True)
-    console.print(f"starting the local broker side on 127.0.0.1:{config.port} ({workdir})")
-    stack.start()
-    try:
-        yield {
-            "endpoint": "localhost",
-            "port": config.port,
-            "ca_file": pki.ca_cert,
-            "claim": (pki.claim_cert, pki.claim_key),
-            "pki": pki,
-            "services_client_id": config.services_client_id,
-        }
-    finally:
-        stack.stop()
+    with private_workdir() as workdir:
+        pki = bootstrap.initialize(workdir / "certs")
+        config = load_config(pki.root, port=free_port(), bind_address="127.0.0.1")
+        stack = Stack(config, with_services=True)
+        console.print(
+            f"starting the local broker side on 127.0.0.1:{config.port} (throw-away PKI in "
+            f"{workdir}, removed at the end; logs in {output / BROKER_LOGS})"
+        )
+        try:
+            stack.start()
+            try:
+                yield {
+                    "endpoint": "localhost",
+                    "port": config.port,
+                    "ca_file": pki.ca_cert,
+                    "claim": (pki.claim_cert, pki.claim_key),
+                    "pki": pki,
+                    "services_client_id": config.services_client_id,
+                }
+            finally:
+                stack.stop()
+        finally:
+            # Also after a failed start: the logs say why.
+            copy_broker_logs(RunFiles(config.run_dir), output, console)
 
 
 class Operator:
@@ -167,7 +219,7 @@ class Operator:
             "127.0.0.1",
             port,
             context=service_tls(pki.ca_cert, pki.service_cert, pki.service_key),
-            client_id=f"fleet-sim-operator-{random.getrandbits(32):08x}",
+            client_id=wire.operator_client_id("sim-operator"),
         )
         self.client.on_message = self._on_message
         for topic in (*SYS_TOPICS, wire.SERVICE_STATS_TOPIC):

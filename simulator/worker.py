@@ -22,6 +22,7 @@ from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any
 
+from agent import wire
 from agent.session import SessionError, tls_context
 from simulator.ceiling import measure_connect_ceiling
 from simulator.metrics import Recorder
@@ -136,7 +137,7 @@ class _Worker:
                 until=window[1],
                 concurrency=min(CEILING_CONCURRENCY, self.concurrency_share),
                 recorder=self.recorder,
-                client_prefix=f"ceiling-{self.plan.index}-{os.getpid()}",
+                client_prefix=f"{wire.CLAIM_CLIENT_ID_PREFIX}ceiling-{self.plan.index}-{os.getpid()}",
             )
             self._send()
         await self._arrivals()

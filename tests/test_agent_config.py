@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 
 import pytest
 
 from agent.config import ConfigError, load_config
 from agent.keystore import DEFAULT_STATE_DIR
+from tests.fleet import fleet_agent
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "agent" / "agent.example.toml"
 
@@ -16,6 +18,7 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "agent" / "agent.example.toml
 def folder(tmp_path: Path) -> Path:
     for name in ("ca.pem", "claim.pem", "claim.key"):
         (tmp_path / name).write_text("x")
+    (tmp_path / "claim.key").chmod(0o600)  # chmod after writing: the umask may leave it 0644
     return tmp_path
 
 
@@ -125,6 +128,41 @@ def test_missing_claim_files_are_named(folder: Path) -> None:
     assert len(found) == 1 and "claim key" in found[0] and "claim.key does not exist" in found[0]
     # A provisioned device may have removed its claim: that check can be skipped.
     load_config(folder / "agent.toml", check_claim_files=False)
+
+
+@pytest.mark.parametrize("loose", [0o644, 0o640, 0o604], ids=["0644", "0640", "0604"])
+def test_a_claim_key_others_can_read_is_refused(folder: Path, loose: int) -> None:
+    key = folder / "claim.key"
+    key.chmod(loose)
+    assert stat.S_IMODE(key.stat().st_mode) == loose
+    found = problems(write(folder, MINIMAL))
+    assert found == [
+        f"{folder / 'agent.toml'}: claim.key: claim key {key} is mode {loose:03o}, readable "
+        f"by others; run: chmod 600 {key}"
+    ]
+
+
+def test_config_check_refuses_a_world_readable_claim_key(folder: Path) -> None:
+    key = folder / "claim.key"
+    key.write_text("-----BEGIN PRIVATE KEY-----\nc2VjcmV0\n-----END PRIVATE KEY-----\n")
+    key.chmod(0o644)  # after writing: as root too, the file really is 0644
+    assert stat.S_IMODE(key.stat().st_mode) == 0o644
+    config = write(folder, MINIMAL)
+    proc = fleet_agent(
+        "config", "check", "--config", str(config), "--set", f"agent.state_dir={folder / 'state'}"
+    )
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert proc.stdout == "" and "Traceback" not in proc.stderr
+    [line] = proc.stderr.splitlines()
+    assert line.startswith("fleet-agent: ") and str(key) in line
+    assert line.endswith(f"run: chmod 600 {key}")
+    assert "PRIVATE KEY" not in line and "c2VjcmV0" not in line
+    # Tightened, the same config passes.
+    key.chmod(0o600)
+    proc = fleet_agent(
+        "config", "check", "--config", str(config), "--set", f"agent.state_dir={folder / 'state'}"
+    )
+    assert proc.returncode == 0, proc.stderr
 
 
 @pytest.mark.parametrize(

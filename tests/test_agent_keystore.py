@@ -186,6 +186,30 @@ def test_load_key_refuses_group_readable_too(store: Keystore) -> None:
         store.load_key()
 
 
+def test_device_and_claim_keys_are_refused_by_one_check(store: Keystore) -> None:
+    from agent.config import claim_file_problems
+
+    store.ensure()
+    store.save_key(ks.generate_key())
+    store.key_path.chmod(0o644)
+    with pytest.raises(KeystoreError) as raised:
+        store.load_key()
+    assert str(raised.value) == (
+        f"device key {store.key_path} is mode 644, readable by others; "
+        f"run: chmod 600 {store.key_path}"
+    )
+    # The claim key, checked with the config, is refused in the same words.
+    claim_cert = store.root / "claim.pem"
+    claim_cert.write_text("x")
+    [problem] = claim_file_problems(Path("agent.toml"), claim_cert, store.key_path)
+    assert problem == "agent.toml: claim.key: " + str(raised.value).replace(
+        "device key", "claim key"
+    )
+    store.key_path.chmod(0o600)
+    assert claim_file_problems(Path("agent.toml"), claim_cert, store.key_path) == []
+    assert ks.key_mode_problem(store.key_path, 0o100600, what="claim key") is None
+
+
 def test_missing_and_garbage_keys_have_clear_errors(store: Keystore) -> None:
     store.ensure()
     with pytest.raises(KeystoreError, match="no device key"):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import stat
+import subprocess
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -23,6 +26,8 @@ from agent.provisioning import (
     create_certificate_request,
     register_thing_request,
 )
+from broker.pki import CertificateAuthority, certificate_pem, private_key_pem
+from tests.fleet import fleet_agent, free_port, make_workdir, run_agent
 
 TOKEN = "tok-" + "s3cr3t" * 8
 CSR_TOPIC = wire.create_certificate_from_csr()
@@ -290,7 +295,6 @@ def test_timeouts_are_retried_unless_told_not() -> None:
 
 def test_the_agent_imports_nothing_from_broker_or_simulator() -> None:
     import ast
-    from pathlib import Path
 
     folder = Path(__file__).resolve().parent.parent / "agent"
     for source in folder.glob("*.py"):
@@ -304,3 +308,88 @@ def test_the_agent_imports_nothing_from_broker_or_simulator() -> None:
             )
             for name in names:
                 assert name.split(".")[0] not in ("broker", "simulator", "tests"), (source, name)
+
+
+# ------------------------------------------------------------ the claim key on the CLI
+# No broker needed: a claim key others can read is refused before any connection.
+
+
+def claim_device(key_mode: int) -> tuple[Path, Path, bytes]:
+    """An agent.toml with a real claim certificate and key (the key chmod-ed to ``key_mode``
+    after writing, so that it has that mode whatever the umask, as root too), pointing at a
+    closed port. Returns the config, the key's path and the key's PEM."""
+    folder = make_workdir()
+    key = generate_key()
+    ca = CertificateAuthority.create(days=1)
+    cert = ca.issue(key.public_key(), common_name="claim", days=1, purpose="client")
+    (folder / "ca.pem").write_bytes(certificate_pem(ca.certificate))
+    (folder / "claim.pem").write_bytes(certificate_pem(cert))
+    pem = private_key_pem(key)
+    key_path = folder / "claim.key"
+    key_path.write_bytes(pem)
+    key_path.chmod(key_mode)
+    assert stat.S_IMODE(key_path.stat().st_mode) == key_mode
+    config = folder / "agent.toml"
+    config.write_text(
+        f"""
+[broker]
+endpoint = "127.0.0.1"
+port = {free_port()}
+ca_file = "{folder / "ca.pem"}"
+
+[claim]
+certificate = "{folder / "claim.pem"}"
+key = "{key_path}"
+
+[provisioning]
+timeout = 2
+max_attempts = 1
+
+[agent]
+state_dir = "{folder / "state"}"
+"""
+    )
+    return config, key_path, pem
+
+
+def assert_no_key_material(proc: subprocess.CompletedProcess[str], pem: bytes) -> None:
+    output = proc.stdout + proc.stderr
+    assert "Traceback" not in output and "PRIVATE KEY" not in output, output
+    body = [line for line in pem.decode().splitlines() if line and not line.startswith("-----")]
+    assert not any(line in output for line in body), output
+
+
+def assert_claim_key_refused(proc: subprocess.CompletedProcess[str], key: Path, pem: bytes) -> None:
+    assert_no_key_material(proc, pem)
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert proc.stdout == ""
+    [line] = proc.stderr.splitlines()
+    assert line.startswith("fleet-agent: ") and f"claim key {key} is mode 644" in line, line
+    assert line.endswith(f"run: chmod 600 {key}"), line
+
+
+def test_provision_refuses_a_world_readable_claim_key() -> None:
+    config, key, pem = claim_device(0o644)
+    proc = run_agent(config)
+    assert_claim_key_refused(proc, key, pem)
+    assert not (config.parent / "state" / "device.key").exists()
+
+
+def test_run_refuses_a_world_readable_claim_key() -> None:
+    config, key, pem = claim_device(0o644)
+    proc = fleet_agent("run", "--config", str(config), timeout=30)
+    assert_claim_key_refused(proc, key, pem)
+
+
+@pytest.mark.parametrize("key_mode", [0o600, 0o644], ids=["0600", "0644"])
+def test_the_claim_key_is_never_logged(key_mode: int) -> None:
+    # Used (the broker is just not there: exit 3) or refused (exit 2): at debug level, no
+    # line of the agent's output holds any of the claim key. (`run` with a usable claim
+    # retries an unreachable broker forever, so it is only run with the refused one.)
+    config, _, pem = claim_device(key_mode)
+    for command in ("provision",) if key_mode == 0o600 else ("provision", "run"):
+        proc = fleet_agent(
+            command, "--config", str(config), "--set", "agent.log_level=debug", timeout=30
+        )
+        assert proc.returncode == (3 if key_mode == 0o600 else 2), (proc.returncode, proc.stderr)
+        assert_no_key_material(proc, pem)

@@ -39,6 +39,8 @@ CHECKS = {
     "a claim certificate cannot use shadow topics",
     "a revoked device is disconnected at once",
     "a revoked certificate cannot connect again",
+    "a revoked thing cannot be registered again with the claim",
+    "a flooding device is throttled and the others are answered",
     "the fleet-agent process stops cleanly on SIGTERM",
 }
 
@@ -122,7 +124,7 @@ def test_demo_onboards_syncs_defends_and_reports(workdir: Path) -> None:
     console = Console(file=io.StringIO(), record=True, width=200)
     print_report(report, console)
     text = console.export_text()
-    assert "PASS: all 11 checks passed" in text
+    assert "PASS: all 13 checks passed" in text
     assert f"{devices}/{devices} (1 fleet-agent process + {virtual} virtual devices" in text
     for label in ("CreateCertificateFromCsr", "RegisterThing", "desired -> reported", "p99"):
         assert label in text
@@ -133,7 +135,7 @@ def test_the_command_prints_the_report_and_no_secret(workdir: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Traceback" not in result.stderr
     out = result.stdout
-    assert "PASS: all 11 checks passed" in out
+    assert "PASS: all 13 checks passed" in out
     assert "3/3 (1 fleet-agent process + 2 virtual devices" in out
     assert "CONNACK 0x87" in out and "SUBACK 0x87" in out and "PUBACK 0x87" in out
     assert "disconnected" in out and "ms after revoke" in out

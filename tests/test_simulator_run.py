@@ -4,6 +4,7 @@ with shadow updates, operator desired changes and a reconnect storm; the report 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -105,6 +106,40 @@ def test_plots_and_table_are_written(run: tuple[subprocess.CompletedProcess[str]
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert f"{DEVICES}/{DEVICES} devices onboarded" in proc.stdout
     assert "register_thing" in proc.stdout and "p99" in proc.stdout
+
+
+def test_no_key_and_no_registry_in_the_output_folder(
+    run: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
+    proc, out = run
+    files = [path for path in out.rglob("*") if path.is_file()]
+    assert out / "report.json" in files
+    for path in files:
+        assert b"PRIVATE KEY" not in path.read_bytes(), path
+        assert path.suffix not in (".db", ".key") and "registry" not in path.name, path
+    assert not (out / "broker").exists()
+    # The broker's logs are kept for debugging; its private work folder is gone.
+    assert (out / "broker-logs" / "mosquitto.log").is_file()
+    found = re.search(r"throw-away PKI in (\S+),", proc.stdout)
+    assert found, proc.stdout
+    assert not Path(found.group(1)).exists()
+
+
+def test_the_broker_work_folder_is_private_and_removed() -> None:
+    import os
+    import stat
+
+    from broker.mosquitto import broker_user
+    from simulator.run import private_workdir
+
+    with private_workdir() as folder:
+        (folder / "ca.key").write_text("secret")
+        info = folder.stat()
+        assert info.st_uid == os.geteuid()
+        # Ours only; as root, Mosquitto's dropped user may pass through but not list it.
+        expected = 0o700 if broker_user() in (None, "root") else 0o710
+        assert stat.S_IMODE(info.st_mode) == expected
+    assert not folder.exists()
 
 
 def test_bad_options_are_clear_errors() -> None:

@@ -123,7 +123,13 @@ static double request_rate = 100.0;       /* per second; 0: no quota */
 static double request_burst = 100.0;
 static unsigned long flood_disconnect = 1000;
 static double last_sweep_at;              /* wall-clock seconds of the last sweep */
-static char *pending_kicks[MAX_PENDING_KICKS];
+/* Flooders to disconnect, once the 429s already queued for them have gone out. */
+#define KICK_DELAY_S 0.5
+struct pending_kick {
+	char *client_id;
+	double due; /* monotonic seconds */
+};
+static struct pending_kick pending_kicks[MAX_PENDING_KICKS];
 static size_t pending_kick_count;
 static struct conn *conns[BUCKETS];
 static unsigned long long next_serial = 1;
@@ -833,10 +839,13 @@ static void schedule_kick(const char *client_id)
 	char *id;
 	if(pending_kick_count >= MAX_PENDING_KICKS) return;
 	for(size_t i = 0; i < pending_kick_count; i++){
-		if(!strcmp(pending_kicks[i], client_id)) return;
+		if(!strcmp(pending_kicks[i].client_id, client_id)) return;
 	}
 	id = mosquitto_strdup(client_id);
-	if(id) pending_kicks[pending_kick_count++] = id;
+	if(!id) return;
+	pending_kicks[pending_kick_count].client_id = id;
+	pending_kicks[pending_kick_count].due = monotonic_seconds() + KICK_DELAY_S;
+	pending_kick_count++;
 }
 
 static int throttle(struct mosquitto_evt_message *ed, struct conn *c)
@@ -993,15 +1002,20 @@ static void sweep_revoked(double now)
 
 static int on_tick(int event, void *event_data, void *userdata)
 {
-	double now = wall_seconds();
+	double now = wall_seconds(), monotonic = monotonic_seconds();
+	size_t kept = 0;
 	(void)event;
 	(void)event_data;
 	(void)userdata;
 	for(size_t i = 0; i < pending_kick_count; i++){
-		mosquitto_kick_client_by_clientid(pending_kicks[i], false);
-		mosquitto_free(pending_kicks[i]);
+		if(pending_kicks[i].due > monotonic){
+			pending_kicks[kept++] = pending_kicks[i];
+			continue;
+		}
+		mosquitto_kick_client_by_clientid(pending_kicks[i].client_id, false);
+		mosquitto_free(pending_kicks[i].client_id);
 	}
-	pending_kick_count = 0;
+	pending_kick_count = kept;
 	if(now - last_sweep_at >= 1.0) sweep_revoked(now);
 	return MOSQ_ERR_SUCCESS;
 }
@@ -1086,7 +1100,7 @@ int mosquitto_plugin_cleanup(void *user_data, struct mosquitto_opt *opts, int op
 	mosquitto_callback_unregister(plugin_id, MOSQ_EVT_RELOAD, on_reload, NULL);
 	mosquitto_callback_unregister(plugin_id, MOSQ_EVT_TICK, on_tick, NULL);
 	mosquitto_callback_unregister(plugin_id, MOSQ_EVT_CONTROL, on_control, CONTROL_TOPIC);
-	for(size_t i = 0; i < pending_kick_count; i++) mosquitto_free(pending_kicks[i]);
+	for(size_t i = 0; i < pending_kick_count; i++) mosquitto_free(pending_kicks[i].client_id);
 	pending_kick_count = 0;
 	for(size_t b = 0; b < BUCKETS; b++){
 		while(conns[b]){
