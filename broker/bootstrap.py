@@ -65,6 +65,11 @@ client_id = "fleet-services"
 templates_dir = "templates"  # <name>.json AWS provisioning templates, <name>.hook.json hooks
 allow_create_keys_and_certificate = false  # keys made by the broker: off, use CSRs
 ownership_token_lifetime_seconds = 3600
+
+[limits]  # per device or claim connection, enforced by the broker plugin
+requests_per_second = 100    # AWS: 100 publishes/s per connection; 0 turns the quota off
+request_burst = 100          # beyond: a 429 on the request's rejected topic
+flood_disconnect = 1000      # requests over the quota within 10 s before a disconnect; 0: never
 """
 
 
