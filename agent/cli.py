@@ -33,7 +33,7 @@ from agent.keystore import Keystore, KeystoreError, Provisioned, remove_durably
 from agent.onboarding import ClaimSettings, OnboardingFailed, onboard
 from agent.provisioning import RetryPolicy
 from agent.reconnect import Backoff
-from agent.renewal import RenewalFailed, renewal_time
+from agent.renewal import RenewalFailed, obtained_at, renewal_time
 from agent.runtime import CertificateUnusable
 from agent.session import SessionError, tls_context
 from agent.shadow import ReportQueueFull
@@ -562,7 +562,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             certificate_expires=certificate.not_valid_after_utc.isoformat(),
         )
         if config.renewal.enabled:
-            due = renewal_time(certificate, config.renewal.share)
+            due = renewal_time(
+                certificate,
+                config.renewal.share,
+                obtained_at=obtained_at(provisioned.record),
+                min_age=config.renewal.min_age,
+            )
             report["renewal_due"] = due.isoformat()
     lock = InstanceLock(keystore.root)
     running = keystore.root.exists() and lock.held_elsewhere()

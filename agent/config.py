@@ -151,6 +151,7 @@ SCHEMA: Final[dict[str, dict[str, _Spec]]] = {
     "renewal": {
         "enabled": ("bool", False, True),
         "share": ("float", False, 0.8),
+        "min_age": ("float", False, 30.0),
         "retry_base": ("float", False, 60.0),
         "retry_cap": ("float", False, 3600.0),
     },
@@ -385,6 +386,11 @@ def load_config(
             f"{path}: renewal.share must be between 0.05 and 0.99 (of the certificate's "
             f"validity), got {r['share']}"
         )
+    if isinstance(r["min_age"], int | float) and not 1 <= r["min_age"] <= 86400:
+        problems.append(
+            f"{path}: renewal.min_age must be between 1 and 86400 seconds (a certificate is "
+            "never renewed younger than that)"
+        )
     if isinstance(r["retry_base"], int | float) and not 1 <= r["retry_base"] <= 86400:
         problems.append(f"{path}: renewal.retry_base must be between 1 and 86400 seconds")
     if (
@@ -443,6 +449,7 @@ def load_config(
         renewal=RenewalPolicy(
             enabled=r["enabled"],
             share=float(r["share"]),
+            min_age=float(r["min_age"]),
             retry_base=float(r["retry_base"]),
             retry_cap=float(r["retry_cap"]),
         ),

@@ -45,7 +45,10 @@ log = logging.getLogger("fleet.agent.renewal")
 @dataclass(frozen=True)
 class RenewalPolicy:
     enabled: bool = True
-    share: float = 0.8  # of the certificate's validity period, from notBefore
+    share: float = 0.8  # of the certificate's lifetime, from when the device got it
+    #: Never renew a certificate younger than this, whatever its lifetime: a schedule that
+    #: comes out in the past (a short lifetime, a skewed clock) must not renew in a loop.
+    min_age: float = 30.0
     retry_base: float = 60.0  # seconds; doubles per failure, with jitter
     retry_cap: float = 3600.0
 
@@ -72,10 +75,35 @@ class RenewalFailed(Exception):
 # ----------------------------------------------------------------------- pure schedule
 
 
-def renewal_time(certificate: x509.Certificate, share: float) -> dt.datetime:
-    """When ``share`` of the certificate's validity period has passed."""
+def renewal_time(
+    certificate: x509.Certificate,
+    share: float,
+    *,
+    obtained_at: dt.datetime | None = None,
+    min_age: float = RenewalPolicy.min_age,
+) -> dt.datetime:
+    """When ``share`` of the certificate's real lifetime has passed, and never less than
+    ``min_age`` seconds after it was obtained.
+
+    The lifetime runs from when the device got the certificate (``obtained_at``, its
+    provisioning record), not from notBefore: CAs backdate notBefore for clock skew (ours by
+    5 minutes), which for a 60 s certificate put 80 % of notBefore..notAfter before its issue
+    and made the agent renew in a loop."""
     start, end = certificate.not_valid_before_utc, certificate.not_valid_after_utc
-    return start + (end - start) * share
+    if obtained_at is not None and start < obtained_at < end:
+        start = obtained_at
+    return max(start + (end - start) * share, start + dt.timedelta(seconds=min_age))
+
+
+def obtained_at(record: ProvisioningRecord | None) -> dt.datetime | None:
+    """When the device stored this certificate (None if the record does not say)."""
+    if record is None:
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(record.provisioned_at)
+    except ValueError:
+        return None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=dt.timezone.utc)
 
 
 def retry_delay(
@@ -170,7 +198,12 @@ class Renewer:
             return self._clock()
         if not self.policy.enabled:
             return None
-        planned = renewal_time(self.certificate(), self.policy.share).timestamp()
+        planned = renewal_time(
+            self.certificate(),
+            self.policy.share,
+            obtained_at=obtained_at(self.keystore.load_record()),
+            min_age=self.policy.min_age,
+        ).timestamp()
         if self.next_retry is not None:
             return max(planned, self.next_retry)
         return planned

@@ -57,6 +57,7 @@ run_dir = "run"
 [certificates]
 device_validity_days = 365
 # device_validity_seconds = 600  # instead of days, 60-86400: short-lived, to watch renewal
+min_renewal_interval_seconds = 60  # a device renews at most this often (or at half-life)
 
 [services]
 client_id = "fleet-services"

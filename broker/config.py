@@ -36,6 +36,7 @@ class BrokerConfig:
     templates_dir: Path = field(default=Path("templates"))
     allow_create_keys: bool = False
     token_lifetime_seconds: int = 3600
+    min_renewal_interval_seconds: int = 60  # a device's renewals at most this often (see below)
     # Per-connection request quota the plugin enforces (AWS: 100 publishes/s per connection).
     requests_per_second: float = 100.0
     request_burst: int = 100
@@ -65,6 +66,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, type | tuple[type, ...]]]] = {
     "certificates": {
         "device_validity_days": ("device_validity_days", int),
         "device_validity_seconds": ("device_validity_seconds", int),
+        "min_renewal_interval_seconds": ("min_renewal_interval_seconds", int),
     },
     "services": {"client_id": ("services_client_id", str)},
     "provisioning": {
@@ -145,6 +147,10 @@ def _validate(path: Path, config: BrokerConfig) -> None:
         raise ConfigError(
             f"{path}: certificates.device_validity_seconds must be 60-86400 (or 0 to use "
             "device_validity_days)"
+        )
+    if not 0 <= config.min_renewal_interval_seconds <= 86400:
+        raise ConfigError(
+            f"{path}: certificates.min_renewal_interval_seconds must be 0-86400 (0: no limit)"
         )
     if not 60 <= config.token_lifetime_seconds <= 7 * 24 * 3600:
         raise ConfigError(

@@ -41,6 +41,7 @@ from broker.rejection import (
     invalid_payload,
     invalid_token,
     not_found,
+    throttled,
     too_large,
 )
 from broker.templates import ProvisioningPlan, Template, evaluate
@@ -66,6 +67,10 @@ class ProvisioningSettings:
         wire.CLAIM_CLIENT_ID_PREFIX,
         wire.OPERATOR_CLIENT_ID_PREFIX,
     )
+    #: A device's renewal is refused (429) while its current certificate is younger than this,
+    #: or than half its lifetime if that is shorter: a renewal loop costs one signature a
+    #: minute, not dozens a second.
+    min_renewal_interval: dt.timedelta = dt.timedelta(seconds=60)
     region: str = "local"
     account: str = "000000000000"
 
@@ -154,7 +159,25 @@ class ProvisioningService:
             "certificateOwnershipToken": token,
         }
 
+    def _check_renewal_pace(self, caller: Sender) -> None:
+        if caller.role != "device":
+            return
+        current = self.registry.get_certificate(caller.certificate_id)
+        if current is None:
+            return
+        age = self.clock() - current.created_at
+        floor = min(
+            self.settings.min_renewal_interval, (current.not_after - current.created_at) / 2
+        )
+        if age < floor:
+            wait = (floor - age).total_seconds()
+            raise throttled(
+                f"Certificate renewal too soon: the current certificate is "
+                f"{age.total_seconds():.0f} s old; renew in {wait:.0f} s at the earliest."
+            )
+
     def create_certificate_from_csr(self, document: dict[str, Any], caller: Sender) -> dict:
+        self._check_renewal_pace(caller)
         csr_pem = document.get("certificateSigningRequest")
         if csr_pem is None:
             raise invalid_payload("Missing required field: certificateSigningRequest.")
@@ -263,6 +286,7 @@ class ProvisioningService:
         self._check_name(name)
         if caller.role == "device" and caller.thing != name:
             raise access_denied("A device may only register certificates for its own thing.")
+        self._check_renewal_pace(caller)
         existing = self.registry.get_thing(name)
         if existing is not None and existing.status is ThingStatus.REVOKED:
             raise access_denied(str(ThingRevoked(name)))

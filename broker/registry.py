@@ -1188,6 +1188,15 @@ class SQLiteRegistry:
                 " WHERE id = ? AND status = 'ACTIVE'",
                 (now, row["renewal_of"]),
             ).rowcount
+            # Certificates of this thing retired before (earlier renewals, superseded
+            # onboardings) are no use to anyone: keep the one just retired, drop the rest
+            # once the broker's sweep has long seen them go (REVOKED ones stay: the CRL).
+            db.execute(
+                "DELETE FROM certificates WHERE status = 'INACTIVE' AND awaiting_first_connect = 0"
+                " AND thing_name = (SELECT thing_name FROM certificates WHERE id = ?)"
+                " AND id NOT IN (?, ?) AND updated_at < ?",
+                (certificate_id.lower(), certificate_id.lower(), row["renewal_of"], now - 120),
+            )
         return [row["renewal_of"]] if retired else []
 
     # --- shadows ('' is the classic shadow)

@@ -228,6 +228,7 @@ def install_provisioning(
         ProvisioningSettings(
             device_validity=config.device_validity,
             token_lifetime=dt.timedelta(seconds=config.token_lifetime_seconds),
+            min_renewal_interval=dt.timedelta(seconds=config.min_renewal_interval_seconds),
             allow_server_generated_keys=config.allow_create_keys,
             reserved_thing_names=frozenset({config.services_client_id}),
         ),

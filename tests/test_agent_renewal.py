@@ -9,6 +9,7 @@ no crash or refusal leaves the device without a working certificate.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import shutil
 import time
@@ -41,14 +42,18 @@ from tests.fleet import (
 )
 from tests.test_agent_run import reported, shadow_cmd, stop_daemon, thing_of, wait_until
 
-# 60 s certificates, backdated 5 min for clock skew: 85 % of 360 s is 6 s after issue.
-SHORT_LIVED = "[certificates]\ndevice_validity_seconds = 60\n"
-RENEW_EARLY = "\n[renewal]\nshare = 0.85\nretry_base = 1\nretry_cap = 5\n"
+# 60 s certificates that the agent renews after 10 % of their life (6 s), and a broker that
+# lets a device renew every 5 s: renewal in a test's time. The defaults (80 %, never under
+# 30 s; the broker at most once a minute or half-life) are what test_no_renewal_loop checks.
+SHORT_LIVED = "[certificates]\ndevice_validity_seconds = 60\nmin_renewal_interval_seconds = 5\n"
+RENEW_EARLY = "\n[renewal]\nshare = 0.1\nmin_age = 5\nretry_base = 1\nretry_cap = 5\n"
+# The forced renewals below come seconds after onboarding: no pace limit on this broker.
+ANY_PACE = "[certificates]\nmin_renewal_interval_seconds = 0\n"
 
 
 @pytest.fixture(scope="module")
 def fleet() -> Iterator[Fleet]:
-    with running_fleet(services=True) as running:
+    with running_fleet(services=True, broker_toml=ANY_PACE) as running:
         yield running
 
 
@@ -134,6 +139,33 @@ def test_a_short_lived_certificate_is_renewed_and_the_old_one_retired() -> None:
             code, err = stop_daemon(daemon)
         assert code == 0, err
         assert "BEGIN" not in err  # no PEM material in the logs
+
+
+def test_no_renewal_loop_with_the_shortest_certificates() -> None:
+    """60 s certificates are backdated 5 min; the agent once renewed 45 times a second (80 % of
+    notBefore..notAfter lay before issue). Now it waits 80 % of the real lifetime (48 s), and
+    the broker refuses a renewal that comes too soon with a 429 that says when."""
+    with running_fleet(
+        services=True, broker_toml="[certificates]\ndevice_validity_seconds = 60\n"
+    ) as fleet:
+        config = agent_config(fleet, "SN-NO-LOOP")
+        daemon = start_agent_daemon(config)
+        try:
+            thing = thing_of(config)
+            time.sleep(8)
+            assert len(certificates_of(fleet, thing)) == 1  # was hundreds
+            status = json.loads(fleet_agent("status", "--config", str(config), "--json").stdout)
+            due = dt.datetime.fromisoformat(status["renewal_due"])
+            expires = dt.datetime.fromisoformat(status["certificate_expires"])
+            assert dt.timedelta(seconds=5) < expires - due < dt.timedelta(seconds=20)
+            # Forced at once, it is refused by the broker's pace, and says so.
+            forced = fleet_agent("renew", "--config", str(config))
+            assert forced.returncode != 0
+            assert "too soon" in forced.stderr + forced.stdout
+            assert len(certificates_of(fleet, thing)) == 1
+        finally:
+            code, err = stop_daemon(daemon)
+        assert code == 0, err
 
 
 def test_fleet_agent_renew_with_and_without_a_running_agent(fleet: Fleet) -> None:

@@ -41,3 +41,27 @@ def test_retry_delays_of_a_fleet_spread_out() -> None:
     delays = {round(retry_delay(4, RenewalPolicy(), rng.random)) for _ in range(200)}
     assert len(delays) > 100  # not in step
     assert min(delays) >= 240 and max(delays) <= 480
+
+
+def test_renewal_counts_from_when_the_device_got_a_backdated_certificate(
+    ca: CertificateAuthority,
+) -> None:
+    # Our CA backdates notBefore by 5 minutes; 80 % of that span of a 60 s certificate lies
+    # before its issue, which made the agent renew in a loop.
+    certificate = ca.issue(
+        generate_key().public_key(),
+        common_name="d",
+        validity=dt.timedelta(seconds=60),
+        purpose="client",
+    )
+    issued = certificate.not_valid_after_utc - dt.timedelta(seconds=60)
+    assert certificate.not_valid_before_utc < issued - dt.timedelta(minutes=4)
+    due = renewal_time(certificate, 0.8, obtained_at=issued)
+    assert due == issued + dt.timedelta(seconds=48)
+    # A schedule that would come too soon is held back to the floor.
+    assert renewal_time(certificate, 0.05, obtained_at=issued, min_age=30) == issued + dt.timedelta(
+        seconds=30
+    )
+    # An obtained_at outside the validity (a skewed clock) is not believed.
+    far = certificate.not_valid_after_utc + dt.timedelta(days=1)
+    assert renewal_time(certificate, 0.8, obtained_at=far) == renewal_time(certificate, 0.8)

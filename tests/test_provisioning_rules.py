@@ -132,3 +132,18 @@ def test_a_deeply_nested_payload_is_a_400(service, registry, ca) -> None:
     caller = claim(registry, ca, "claim-deep")
     reply_topic, payload = service.handle(CSR, b"[" * 30000 + b"]" * 30000, caller)
     assert reply_topic.endswith("/rejected") and json.loads(payload)["statusCode"] == 400
+
+
+def test_a_device_renewing_too_soon_is_throttled_before_anything_is_signed(
+    service, registry, ca
+) -> None:
+    shared = claim(registry, ca, "claim-pace")
+    outcome, answer = ask(service, CSR, {"certificateSigningRequest": csr()}, shared)
+    certificate_id = answer["certificateId"]
+    register(service, shared, answer["certificateOwnershipToken"], SerialNumber="PACE-1")
+    device = Sender("generic-PACE-1", "2", "device", certificate_id, "generic-PACE-1")
+    before = len(registry.list_certificates())
+    outcome, answer = ask(service, CSR, {"certificateSigningRequest": csr()}, device)
+    assert (outcome, answer["statusCode"], answer["errorCode"]) == ("rejected", 429, "Throttling")
+    assert "too soon" in answer["errorMessage"]
+    assert len(registry.list_certificates()) == before  # nothing signed
