@@ -28,7 +28,18 @@ FROM ${MOSQUITTO_IMAGE}
 # The plugin links libcrypto (in the image already, Mosquitto uses it) and libsqlite3.
 RUN apk add --no-cache sqlite-libs
 COPY --from=plugin /build/plugin/fleet_plugin.so /usr/lib/mosquitto-fleet/fleet_plugin.so
-# The image's entry point gives /mosquitto to the mosquitto user (uid 1883); Mosquitto starts
-# as root and drops to that user before it reads the broker key (which `fleet-broker init`
-# hands to uid 1883) and opens the registry.
+# The mount points of the broker's named volumes, owned as in docker/fleet.Dockerfile (a named
+# volume takes the owner and mode of the folder of the image that first mounts it): the broker
+# (group 1883) reads /fleet/broker and /fleet/crl, and creates in /fleet/registry the -shm file
+# that SQLite's WAL mode needs next to the database. /mosquitto/data is the broker's own.
+RUN mkdir -p /mosquitto/data /fleet/broker /fleet/crl /fleet/registry \
+    && chown 1883:1883 /mosquitto/data \
+    && chown 10001:1883 /fleet/broker /fleet/crl /fleet/registry \
+    && chmod 0700 /mosquitto/data \
+    && chmod 0750 /fleet/broker /fleet/crl \
+    && chmod 0770 /fleet/registry
+# Mosquitto runs as its own user from the start, never as root: the image's entry point then
+# leaves /mosquitto alone, and Mosquitto ignores `user mosquitto` (it drops privileges only
+# when started as root). It listens on 8883, which needs no privilege.
+USER 1883:1883
 CMD ["mosquitto", "-c", "/etc/fleet/mosquitto/mosquitto.conf"]
