@@ -19,10 +19,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from agent import wire
-from broker import bootstrap
+from broker import bootstrap, extras
 from broker.config import ConfigError, load_config
 from broker.hooks import HookConfigError, load_hooks
-from broker.mosquitto import BrokerError, RunFiles
+from broker.mosquitto import BrokerError, RunFiles, check_broker_can_reach
 from broker.mqtt import ConnectError, connect, disconnect, tls_context
 from broker.pki import PkiError, PkiPaths
 from broker.registry import SQLiteRegistry
@@ -56,6 +56,10 @@ def cmd_init(args: argparse.Namespace) -> int:
     print(f"  service credentials   {paths.service_cert}, {paths.service_key}")
     print(f"  registry              {paths.registry}")
     print(f"  broker config         {paths.broker_config}")
+    try:
+        check_broker_can_reach(_config(args))
+    except BrokerError as exc:
+        print(f"warning: {exc}")
     print(f"Next: fleet-broker up --dir {args.dir}")
     return EXIT_OK
 
@@ -461,8 +465,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        extras.require("broker", ["cbor2"], command="fleet-broker")
         return args.handler(args)
     except (
+        extras.MissingExtra,
         BrokerError,
         ConfigError,
         PkiError,

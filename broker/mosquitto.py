@@ -173,9 +173,54 @@ def render_conf(config: BrokerConfig, files: RunFiles, user: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def untraversable(folder: Path, user: str) -> tuple[Path, int, str] | None:
+    """The first folder on the way to ``folder`` (itself included) that ``user`` may not
+    enter, with its mode and owner; None when the whole path is open to that user."""
+    entry = pwd.getpwnam(user)
+    groups = {entry.pw_gid, *os.getgrouplist(user, entry.pw_gid)}
+    folder = folder.resolve()
+    for path in (*reversed(folder.parents), folder):
+        try:
+            info = path.stat()
+        except OSError:
+            return None  # not there yet: whoever creates it decides
+        if info.st_uid == entry.pw_uid:
+            bit = 0o100
+        elif info.st_gid in groups:
+            bit = 0o010
+        else:
+            bit = 0o001
+        if not info.st_mode & bit:
+            try:
+                owner = pwd.getpwuid(info.st_uid).pw_name
+            except KeyError:
+                owner = str(info.st_uid)
+            return path, info.st_mode & 0o7777, owner
+    return None
+
+
+def check_broker_can_reach(config: BrokerConfig) -> None:
+    """Mosquitto started as root drops to its own user before it opens its key, the CRL and
+    the registry: every folder on the way must let that user in. Say which one does not."""
+    user = broker_user()
+    if user in (None, "root"):
+        return
+    pki = PkiPaths(config.pki_dir)
+    for needed in (pki.root, pki.registry.parent, config.run_dir):
+        blocked = untraversable(needed, user)
+        if blocked is not None:
+            folder, mode, owner = blocked
+            raise BrokerError(
+                f"Mosquitto runs as user {user} and cannot reach {needed}: {folder} is mode "
+                f"{mode:04o} (owner {owner}); run: chmod o+x {folder} (or use a folder {user} "
+                "can traverse)"
+            )
+
+
 def prepare_run_dir(config: BrokerConfig) -> RunFiles:
     files = RunFiles(config.run_dir)
     user = broker_user()
+    check_broker_can_reach(config)
     files.dir.mkdir(parents=True, exist_ok=True)
     os.chmod(files.dir, 0o750)
     if user not in (None, "root"):

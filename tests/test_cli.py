@@ -604,3 +604,16 @@ def test_output_piped_into_a_closed_reader_is_no_traceback(certs: Path) -> None:
         os.close(write_end)
     assert "Traceback" not in result.stderr, result.stderr
     assert result.returncode == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="Mosquitto drops to its own user only as root")
+def test_a_folder_the_broker_user_cannot_enter_is_named_with_the_fix(workdir: Path) -> None:
+    private = workdir / "private"
+    private.mkdir(mode=0o700)
+    private.chmod(0o700)  # as mktemp -d makes it
+    folder = private / "certs"
+    init = cli(folder, "init")
+    assert init.returncode == 0, init.stderr
+    assert f"chmod o+x {private}" in init.stdout  # said at once, as a warning
+    line = assert_one_line_error(cli(folder, "up", "--port", str(free_port())))
+    assert f"{private} is mode 0700" in line and f"run: chmod o+x {private}" in line
