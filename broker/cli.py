@@ -144,7 +144,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     files = RunFiles(_config(args).run_dir)
     state = RunningState.read(files)
     if state is None or not pid_alive(state.supervisor_pid):
-        print(f"not running (no live fleet-broker up for {args.dir})")
+        print(f"not running; start it with: fleet-broker up --dir {args.dir}")
         return EXIT_NOT_RUNNING
     mosquitto = "running" if pid_alive(state.mosquitto_pid) else "DEAD"
     services = "running" if pid_alive(state.services_pid) else "restarting"
@@ -363,18 +363,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="A local, secure MQTT cloud for a device fleet: Mosquitto with mutual TLS "
         "and the mqtt-fleet plugin, a CA, a device registry and the fleet services.",
     )
-    parser.add_argument(
-        "--dir",
-        type=Path,
-        default=Path("certs"),
-        help="PKI, registry and run folder (default: certs)",
-    )
+    dir_help = "PKI, registry and run folder (default: certs)"
+    parser.add_argument("--dir", type=Path, default=Path("certs"), help=dir_help)
+    # The same option after the command too (`fleet-broker up --dir X`, as every hint prints
+    # it): SUPPRESS, so a subcommand without it keeps the value given before the command.
+    anywhere = argparse.ArgumentParser(add_help=False)
+    anywhere.add_argument("--dir", type=Path, default=argparse.SUPPRESS, help=dir_help)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(
         name: str, handler: Callable[[argparse.Namespace], int], help: str
     ) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
+        p = sub.add_parser(name, help=help, description=help, parents=[anywhere])
         p.set_defaults(handler=handler)
         return p
 
@@ -426,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
         "enable",
         help="let a revoked thing register a new certificate again (audited)",
         description="let a revoked thing register a new certificate again (audited)",
+        parents=[anywhere],
     )
     p.add_argument("thing", help="thing name")
     p = add("audit", cmd_audit, "operator actions on the registry: revocations, re-enables")
@@ -441,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         ("delete", "delete the shadow"),
     ):
-        p = shadow_sub.add_parser(action, help=text, description=text)
+        p = shadow_sub.add_parser(action, help=text, description=text, parents=[anywhere])
         p.add_argument("thing", help="thing name")
         p.add_argument("--name", help="named shadow (default: the classic shadow)")
         _add_endpoint(p)

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import queue
+import re
 import shutil
 import signal
 import socket
@@ -617,3 +618,37 @@ def test_a_folder_the_broker_user_cannot_enter_is_named_with_the_fix(workdir: Pa
     assert f"chmod o+x {private}" in init.stdout  # said at once, as a warning
     line = assert_one_line_error(cli(folder, "up", "--port", str(free_port())))
     assert f"{private} is mode 0700" in line and f"run: chmod o+x {private}" in line
+
+
+def pasted_hints(text: str) -> list[list[str]]:
+    """Every `fleet-broker ...` command line in ``text``, as a user would paste it (up to the
+    end of the clause it stands in)."""
+    hints = []
+    for match in re.finditer(r"fleet-broker((?: (?:--?[\w-]+|[\w./<>@-]+))+)", text):
+        words = match.group(1).split()
+        if words and words[0] not in ("up", "down", "init") and words[0].startswith("<"):
+            continue
+        hints.append(words)
+    return hints
+
+
+def test_every_hint_fleet_broker_prints_runs_when_pasted(workdir: Path) -> None:
+    from broker.cli import build_parser
+
+    folder = workdir / "certs"
+    outputs = [
+        cli(folder, "init").stdout,
+        cli(folder, "status").stdout,
+        cli(folder, "down").stdout,
+        cli(workdir / "nothing", "things").stderr,
+        cli(workdir / "nothing", "templates").stderr,
+        cli(workdir / "nothing", "up").stderr,
+        cli(folder, "shadow", "get", "t").stderr,
+        cli(folder, "revoke", "no-such-thing").stderr,
+    ]
+    hints = [hint for text in outputs for hint in pasted_hints(text)]
+    assert any(hint[:1] == ["up"] and "--dir" in hint for hint in hints), outputs
+    parser = build_parser()
+    for hint in hints:
+        if hint[0] in ("down", "up", "init", "things", "certs", "status") or "--dir" in hint:
+            parser.parse_args(hint)  # SystemExit (a usage error) fails the test
