@@ -58,19 +58,21 @@ class Failure(Exception):
         self.code = code
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def _common(parser: argparse.ArgumentParser, *, top: bool = False) -> None:
+    """--config and --set, before the command (``top``: with the defaults) or after it: a
+    --config there wins (SUPPRESS keeps the one before when there is none), --set adds up."""
     parser.add_argument(
         "--config",
         type=str,
-        default=str(DEFAULT_CONFIG),
+        default=str(DEFAULT_CONFIG) if top else argparse.SUPPRESS,
         metavar="PATH",
         help=f"agent configuration (default {DEFAULT_CONFIG})",
     )
     parser.add_argument(
         "--set",
-        dest="overrides",
+        dest="overrides" if top else "overrides_after",
         action="append",
-        default=[],
+        default=[] if top else argparse.SUPPRESS,
         metavar="KEY=VALUE",
         help="override a config value, e.g. --set broker.port=8884 or "
         "--set provisioning.parameters.SerialNumber=SN-1 (repeatable)",
@@ -87,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"{EXIT_USAGE} bad command line or config, {EXIT_TRANSIENT} broker unreachable or "
         f"timeout (try again later), {EXIT_REVOKED} the device certificate is revoked",
     )
+    _common(parser, top=True)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     provision = commands.add_parser(
         "provision",
@@ -625,6 +628,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.captureWarnings(True)
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.overrides = [*args.overrides, *getattr(args, "overrides_after", [])]
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE

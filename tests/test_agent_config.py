@@ -282,3 +282,14 @@ def test_control_socket_problems_are_named(folder: Path) -> None:
         "must be a path (string)"
         in problems(write(folder, MINIMAL + "[agent]\ncontrol_socket = 1\n"))[0]
     )
+
+
+def test_config_and_set_are_taken_before_or_after_the_command() -> None:
+    from agent.cli import build_parser
+
+    parser = build_parser()
+    before = parser.parse_args(["--config", "a.toml", "--set", "x.y=1", "run", "--set", "z=2"])
+    after = parser.parse_args(["run", "--config", "a.toml", "--set", "x.y=1", "--set", "z=2"])
+    assert before.config == after.config == "a.toml"
+    assert [*before.overrides, *before.overrides_after] == ["x.y=1", "z=2"]
+    assert after.overrides_after == ["x.y=1", "z=2"]
