@@ -36,6 +36,9 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+#: OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH.
+X509_NAME_MISMATCH = (62, 64)
+
 log = logging.getLogger("fleet.agent.session")
 
 # CONNACK reason codes (MQTT 5, 3.2.2.2) that mean "this identity is not welcome".
@@ -271,9 +274,14 @@ async def open_tls(
         ) from None
     except ssl.SSLCertVerificationError as exc:
         tls.close()
+        hint = "check broker.ca_file and broker.endpoint"
+        if exc.verify_code in X509_NAME_MISMATCH:
+            hint = (
+                "the broker certificate does not name this endpoint: use a name it has, or, "
+                "on an mqtt-fleet broker side, add it: fleet-broker broker-cert --host NAME"
+            )
         raise TlsFailure(
-            f"the broker at {where} is not trusted: {describe_error(exc)} "
-            "(check broker.ca_file and broker.endpoint)"
+            f"the broker at {where} is not trusted: {describe_error(exc)} ({hint})"
         ) from None
     except ssl.SSLError as exc:
         tls.close()

@@ -166,17 +166,14 @@ def initialize(
     ca = CertificateAuthority.create(days=ca_days)
     write_public_file(paths.ca_cert, certificate_pem(ca.certificate))
 
-    broker_key = generate_private_key()
-    broker_cert = ca.issue(
-        broker_key.public_key(),
-        common_name="mqtt-fleet broker",
+    _issue_broker_certificate(
+        paths,
+        ca,
+        _unique(["localhost", *extra_dns]),
+        _unique(["127.0.0.1", "::1", *extra_ips]),
         days=server_days,
-        purpose="server",
-        dns_names=_unique(["localhost", *extra_dns]),
-        ip_addresses=_unique(["127.0.0.1", "::1", *extra_ips]),
+        owner=owner,
     )
-    write_private_key(paths.broker_key, broker_key, owner_uid=owner)
-    write_public_file(paths.broker_cert, certificate_pem(broker_cert))
 
     identities = {
         "claim": (paths.claim_cert, paths.claim_key, "mqtt-fleet claim"),
@@ -261,6 +258,54 @@ def issue_claims(
     finally:
         os.close(fd)
     return written
+
+
+def _issue_broker_certificate(
+    paths: PkiPaths,
+    ca: CertificateAuthority,
+    dns_names: Sequence[str],
+    ip_addresses: Sequence[str],
+    *,
+    days: int,
+    owner: int | None,
+) -> None:
+    key = generate_private_key()
+    cert = ca.issue(
+        key.public_key(),
+        common_name="mqtt-fleet broker",
+        days=days,
+        purpose="server",
+        dns_names=dns_names,
+        ip_addresses=ip_addresses,
+    )
+    write_private_key(paths.broker_key, key, owner_uid=owner)
+    write_public_file(paths.broker_cert, certificate_pem(cert))
+
+
+def broker_certificate_names(root: Path) -> tuple[list[str], list[str]]:
+    """The DNS names and IP addresses the broker certificate names."""
+    cert = x509.load_pem_x509_certificate(PkiPaths(Path(root)).broker_cert.read_bytes())
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return [], []
+    return (
+        list(san.get_values_for_type(x509.DNSName)),
+        [str(ip) for ip in san.get_values_for_type(x509.IPAddress)],
+    )
+
+
+def add_broker_names(root: Path, hostnames: Sequence[str], *, days: int = 825) -> list[str]:
+    """Reissue the broker certificate with ``hostnames`` added to the names it has (a new key,
+    the same CA): devices keep working, as they trust the CA, not this certificate. Returns
+    every name it now carries; the broker uses it from its next start."""
+    paths = PkiPaths(Path(root))
+    ca = CertificateAuthority.load(paths)
+    extra_dns, extra_ips = _split_hostnames(hostnames)
+    dns, ips = broker_certificate_names(paths.root)
+    dns, ips = _unique([*dns, *extra_dns]), _unique([*ips, *extra_ips])
+    _issue_broker_certificate(paths, ca, dns, ips, days=days, owner=broker_file_owner())
+    return [*dns, *ips]
 
 
 def _rebuild_crl(paths: PkiPaths, ca: CertificateAuthority, registry: SQLiteRegistry) -> None:

@@ -25,7 +25,14 @@ from broker.hooks import HookConfigError, load_hooks
 from broker.mosquitto import BrokerError, RunFiles, check_broker_can_reach
 from broker.mqtt import ConnectError, connect, disconnect, tls_context
 from broker.pki import PkiError, PkiPaths
-from broker.registry import SQLiteRegistry
+from broker.registry import (
+    CertificateRecord,
+    CertificateRole,
+    CertificateStatus,
+    SQLiteRegistry,
+    Thing,
+    ThingStatus,
+)
 from broker.stack import RunningState, Stack, pid_alive
 from broker.templates import TemplateLoadError, load_templates
 
@@ -61,6 +68,16 @@ def cmd_init(args: argparse.Namespace) -> int:
     except BrokerError as exc:
         print(f"warning: {exc}")
     print(f"Next: fleet-broker up --dir {args.dir}")
+    return EXIT_OK
+
+
+def cmd_broker_cert(args: argparse.Namespace) -> int:
+    names = bootstrap.add_broker_names(args.dir, args.host)
+    print(f"reissued the broker certificate for: {', '.join(names)}")
+    print(
+        "devices keep working (they trust the CA); a running broker uses it from its next "
+        f"start: fleet-broker down --dir {args.dir}, then fleet-broker up --dir {args.dir}"
+    )
     return EXIT_OK
 
 
@@ -144,23 +161,42 @@ def cmd_status(args: argparse.Namespace) -> int:
     files = RunFiles(_config(args).run_dir)
     state = RunningState.read(files)
     if state is None or not pid_alive(state.supervisor_pid):
-        print(f"not running; start it with: fleet-broker up --dir {args.dir}")
+        if args.json:
+            print(json.dumps({"running": False}))
+        else:
+            print(f"not running; start it with: fleet-broker up --dir {args.dir}")
         return EXIT_NOT_RUNNING
-    mosquitto = "running" if pid_alive(state.mosquitto_pid) else "DEAD"
-    services = "running" if pid_alive(state.services_pid) else "restarting"
-    uptime = time.time() - state.started_at
-    print(f"fleet-broker up since {uptime:.0f} s (supervisor pid {state.supervisor_pid})")
-    print(f"  mosquitto  {mosquitto} (pid {state.mosquitto_pid}) on {state.host}:{state.port}")
-    print(f"  services   {services} (pid {state.services_pid})")
+    report: dict[str, object] = {
+        "running": True,
+        "uptime_seconds": round(time.time() - state.started_at),
+        "supervisor_pid": state.supervisor_pid,
+        "mosquitto": "running" if pid_alive(state.mosquitto_pid) else "DEAD",
+        "mosquitto_pid": state.mosquitto_pid,
+        "endpoint": f"{state.host}:{state.port}",
+        "services": "running" if pid_alive(state.services_pid) else "restarting",
+        "services_pid": state.services_pid,
+    }
+    code = EXIT_OK
     try:
         values = _sys_values(args, state, ["$SYS/broker/clients/connected", "$SYS/broker/version"])
+        report["clients_connected"] = int(values.get("$SYS/broker/clients/connected", -1))
+        report["version"] = values.get("$SYS/broker/version", "?")
     except ConnectError as exc:
-        print(f"  clients    unknown ({exc})")
-        return EXIT_ERROR
-    connected = values.get("$SYS/broker/clients/connected", "?")
-    print(f"  clients    {connected} connected (broker figure, refreshed every 5 s)")
-    print(f"  version    {values.get('$SYS/broker/version', '?')}")
-    return EXIT_OK
+        report["error"] = str(exc)
+        code = EXIT_ERROR
+    if args.json:
+        print(json.dumps(report))
+        return code
+    uptime = report["uptime_seconds"]
+    print(f"fleet-broker up since {uptime} s (supervisor pid {state.supervisor_pid})")
+    print(f"  mosquitto  {report['mosquitto']} (pid {state.mosquitto_pid}) on {report['endpoint']}")
+    print(f"  services   {report['services']} (pid {state.services_pid})")
+    if "error" in report:
+        print(f"  clients    unknown ({report['error']})")
+        return code
+    print(f"  clients    {report['clients_connected']} connected (broker figure, every 5 s)")
+    print(f"  version    {report['version']}")
+    return code
 
 
 def _actor() -> str:
@@ -252,29 +288,67 @@ def cmd_things(args: argparse.Namespace) -> int:
     if getattr(args, "things_command", None) == "enable":
         return cmd_things_enable(args)
     with _registry(args) as registry:
-        things = registry.list_things()
-        print(f"{'THING':<40} {'STATUS':<8} {'CERTIFICATES':>12}  ATTRIBUTES")
-        for thing in things:
-            certificates = registry.list_certificates(thing_name=thing.name)
-            print(
-                f"{thing.name:<40} {thing.status.value:<8} {len(certificates):>12}  "
-                f"{thing.attributes}"
-            )
-        print(f"{len(things)} thing(s)")
+        things = [
+            (t, len(registry.list_certificates(thing_name=t.name)))
+            for t in registry.list_things()
+            if args.status is None or t.status.value == args.status
+        ]
+    if args.json:
+        print(json.dumps([_thing_json(t, count) for t, count in things], indent=2))
+        return EXIT_OK
+    print(f"{'THING':<40} {'STATUS':<8} {'CERTIFICATES':>12}  ATTRIBUTES")
+    for thing, count in things:
+        attributes = " ".join(f"{k}={v}" for k, v in sorted(thing.attributes.items())) or "-"
+        print(f"{thing.name:<40} {thing.status.value:<8} {count:>12}  {attributes}")
+    print(f"{len(things)} thing(s)")
     return EXIT_OK
+
+
+def _thing_json(thing: Thing, certificates: int) -> dict[str, object]:
+    return {
+        "name": thing.name,
+        "status": thing.status.value,
+        "revoked_at": thing.revoked_at.isoformat() if thing.revoked_at else None,
+        "revoked_by": thing.revoked_by,
+        "attributes": dict(thing.attributes),
+        "thing_groups": list(thing.thing_groups),
+        "certificates": certificates,
+        "created_at": thing.created_at.isoformat(),
+    }
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
     with _registry(args) as registry:
-        records = registry.list_certificates()
-        print(f"{'CERTIFICATE ID':<18} {'ROLE':<8} {'STATUS':<19} {'THING / LABEL':<32} EXPIRES")
-        for r in records:
-            print(
-                f"{r.id[:16]:<18} {r.role.value:<8} {r.status.value:<19} "
-                f"{(r.thing_name or r.label or '-'):<32} {r.not_after:%Y-%m-%d}"
-            )
-        print(f"{len(records)} certificate(s)")
+        records = registry.list_certificates(
+            thing_name=args.thing,
+            status=CertificateStatus(args.status) if args.status else None,
+            role=CertificateRole(args.role) if args.role else None,
+        )
+    if args.json:
+        print(json.dumps([_certificate_json(r) for r in records], indent=2))
+        return EXIT_OK
+    print(f"{'CERTIFICATE ID':<18} {'ROLE':<8} {'STATUS':<19} {'THING / LABEL':<32} EXPIRES")
+    for r in records:
+        print(
+            f"{r.id[:16]:<18} {r.role.value:<8} {r.status.value:<19} "
+            f"{(r.thing_name or r.label or '-'):<32} {r.not_after:%Y-%m-%d}"
+        )
+    print(f"{len(records)} certificate(s)")
     return EXIT_OK
+
+
+def _certificate_json(record: CertificateRecord) -> dict[str, object]:
+    return {
+        "id": record.id,
+        "role": record.role.value,
+        "status": record.status.value,
+        "thing": record.thing_name,
+        "label": record.label,
+        "not_after": record.not_after.isoformat(),
+        "created_at": record.created_at.isoformat(),
+        "revoked_at": record.revoked_at.isoformat() if record.revoked_at else None,
+        "registered_by": record.registered_by,
+    }
 
 
 def cmd_templates(args: argparse.Namespace) -> int:
@@ -392,6 +466,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="replace an existing PKI (revokes everything)"
     )
 
+    p = add(
+        "broker-cert",
+        cmd_broker_cert,
+        "reissue the broker certificate with more host names (keeps the CA and every device)",
+    )
+    p.add_argument(
+        "--host",
+        action="append",
+        required=True,
+        metavar="NAME_OR_IP",
+        help="DNS name or IP address to add (repeatable)",
+    )
+
     p = add("issue-claim", cmd_issue_claim, "mint more claim (bootstrap) certificates")
     p.add_argument("name", help="batch name: the folder under <dir>/claims and the registry label")
     p.add_argument("--count", type=int, default=1, help="how many (one per device); default 1")
@@ -403,7 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="broker config (default: <dir>/broker.toml)")
 
     add("down", cmd_down, "stop a running fleet-broker up")
-    add("status", cmd_status, "what runs, on which port, how many clients are connected")
+    p = add("status", cmd_status, "what runs, on which port, how many clients are connected")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = add(
         "revoke",
@@ -421,6 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_endpoint(p)
 
     things = add("things", cmd_things, "list registered things, with their status")
+    things.add_argument("--json", action="store_true", help="print a JSON array")
+    things.add_argument("--status", choices=[s.value for s in ThingStatus], help="only these")
     things_sub = things.add_subparsers(dest="things_command", metavar="ACTION")
     p = things_sub.add_parser(
         "enable",
@@ -431,7 +521,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("thing", help="thing name")
     p = add("audit", cmd_audit, "operator actions on the registry: revocations, re-enables")
     p.add_argument("--limit", type=int, default=100, help="newest N entries (default 100)")
-    add("certs", cmd_certs, "list registered certificates with role and status")
+    p = add("certs", cmd_certs, "list registered certificates with role and status")
+    p.add_argument("--json", action="store_true", help="print a JSON array")
+    p.add_argument("--thing", help="only this thing's")
+    p.add_argument("--status", choices=[s.value for s in CertificateStatus], help="only these")
+    p.add_argument("--role", choices=[r.value for r in CertificateRole], help="only these")
     shadow = add("shadow", cmd_shadow, "read or change a thing's shadow (classic or named)")
     shadow_sub = shadow.add_subparsers(dest="shadow_command", required=True, metavar="ACTION")
     for action, text in (

@@ -99,7 +99,12 @@ def load_config(pki_dir: Path, config_file: Path | None = None, **overrides: Any
         values = _flatten(path, document)
     elif config_file is not None:
         raise ConfigError(f"{path}: no such config file")
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    port = given.get("port")
+    if port is not None and not (isinstance(port, int) and 1 <= port <= 65535):
+        # A command-line value: say so, not the file.
+        raise ConfigError(f"--port {port} is not a TCP port: give 1-65535")
+    values.update(given)
     run_dir = Path(values.pop("run_dir", "run"))
     templates_dir = Path(values.pop("templates_dir", "templates"))
     config = BrokerConfig(pki_dir=pki_dir, **values)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import pwd
 import resource
@@ -121,7 +122,17 @@ def check_port_free(host: str, port: int) -> None:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
+        except socket.gaierror:
+            raise BrokerError(
+                f"bind_address {host} is not an address of this machine: set [broker] "
+                "bind_address in broker.toml (or --bind) to one of its addresses, or 0.0.0.0"
+            ) from None
         except OSError as exc:
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise BrokerError(
+                    f"bind_address {host} is not an address of this machine: set [broker] "
+                    "bind_address in broker.toml (or --bind) to one of its addresses, or 0.0.0.0"
+                ) from None
             raise BrokerError(
                 f"port {port} on {host} is in use ({exc.strerror}): stop what listens there "
                 "(fleet-broker down, or another broker) or pick another port with --port"
@@ -221,8 +232,14 @@ def prepare_run_dir(config: BrokerConfig) -> RunFiles:
     files = RunFiles(config.run_dir)
     user = broker_user()
     check_broker_can_reach(config)
-    files.dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(files.dir, 0o750)
+    try:
+        files.dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(files.dir, 0o750)
+    except OSError as exc:
+        raise BrokerError(
+            f"broker.run_dir {files.dir} cannot be made ({exc.strerror}): set [broker] run_dir "
+            "in broker.toml to a folder this user can create"
+        ) from None
     if user not in (None, "root"):
         entry = pwd.getpwnam(user)
         os.chown(files.dir, entry.pw_uid, entry.pw_gid)

@@ -60,6 +60,11 @@ def connect(
     properties.SessionExpiryInterval = session_expiry
     try:
         client.connect(host, port, keepalive, clean_start=clean_start, properties=properties)
+    except ssl.SSLCertVerificationError as exc:
+        hint = ""
+        if exc.verify_code in (62, 64):  # OpenSSL: hostname / IP address mismatch
+            hint = f"; to add the name: fleet-broker broker-cert --host {host}, then restart it"
+        raise ConnectError(f"cannot connect to {host}:{port}: {exc}{hint}") from None
     except (OSError, ssl.SSLError) as exc:
         raise ConnectError(f"cannot connect to {host}:{port}: {exc}") from None
     client.loop_start()

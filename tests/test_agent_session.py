@@ -346,3 +346,21 @@ def test_cli_reports_a_timeout_when_nobody_answers(fleet: Fleet, tmp_path: Path)
     assert "Traceback" not in proc.stderr
     [line] = proc.stderr.splitlines()
     assert line.startswith("fleet-agent: timeout: no reply to $aws/certificates/create-from-csr")
+
+
+def test_a_broker_certificate_without_the_endpoint_name_says_how_to_add_it(fleet: Fleet) -> None:
+    async def scenario() -> None:
+        async with SilentTlsServer(fleet, "127.0.0.2") as server:  # a name the cert lacks
+            await connect(
+                "127.0.0.2",
+                server.port,
+                client_id="x",
+                ca=fleet.pki.ca_cert,
+                cert=fleet.claim.cert,
+                key=fleet.claim.key,
+                timeout=3,
+            )
+
+    with pytest.raises(TlsFailure, match="is not trusted") as raised:
+        run(scenario)
+    assert "fleet-broker broker-cert --host NAME" in str(raised.value)

@@ -307,6 +307,30 @@ def test_init_puts_extra_hosts_in_the_broker_certificate(workdir: Path) -> None:
     assert ip_address("127.0.0.1") in ips
 
 
+def test_a_host_name_is_added_without_init_force_and_devices_keep_working(certs: Path) -> None:
+    ca_before = (certs / "ca.pem").read_bytes()
+    registry_before = (certs / "registry" / "registry.db").read_bytes()
+    result = cli(certs, "broker-cert", "--host", "vm.example", "--host", "10.9.8.7")
+    assert result.returncode == 0, result.stderr
+    cert = x509.load_pem_x509_certificate((certs / "broker.pem").read_bytes())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {"localhost", "vm.example"} <= set(sans.get_values_for_type(x509.DNSName))
+    assert {ip_address("127.0.0.1"), ip_address("10.9.8.7")} <= set(
+        sans.get_values_for_type(x509.IPAddress)
+    )
+    assert (certs / "ca.pem").read_bytes() == ca_before  # the same CA: no device is touched
+    assert (certs / "registry" / "registry.db").read_bytes() == registry_before
+    assert stat.S_IMODE((certs / "broker.key").stat().st_mode) == 0o600
+    for hint in pasted_hints(result.stdout):
+        build_parser_for_test().parse_args(hint)
+
+
+def build_parser_for_test():
+    from broker.cli import build_parser
+
+    return build_parser()
+
+
 # ----------------------------------------------------------------------------- claims, lists
 
 
@@ -652,3 +676,32 @@ def test_every_hint_fleet_broker_prints_runs_when_pasted(workdir: Path) -> None:
     for hint in hints:
         if hint[0] in ("down", "up", "init", "things", "certs", "status") or "--dir" in hint:
             parser.parse_args(hint)  # SystemExit (a usage error) fails the test
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["up", "--port", "99999"], "--port 99999 is not a TCP port: give 1-65535"),
+        (["up", "--bind", "999.1.1.1"], "bind_address 999.1.1.1 is not an address of this machine"),
+        (["up", "--bind", "10.255.255.254"], "is not an address of this machine"),
+    ],
+)
+def test_a_bad_port_or_address_is_named_for_what_it_is(
+    certs: Path, args: list[str], expected: str
+) -> None:
+    assert expected in assert_one_line_error(cli(certs, *args))
+
+
+def test_an_unusable_run_dir_is_one_line_naming_the_key(certs: Path) -> None:
+    (certs / "broker.toml").write_text('[broker]\nrun_dir = "/proc/fleet-run"\n')
+    line = assert_one_line_error(cli(certs, "up", "--port", str(free_port())))
+    assert "broker.run_dir /proc/fleet-run cannot be made" in line
+
+
+def test_listings_for_scripts_json_and_filters(certs: Path) -> None:
+    assert cli(certs, "issue-claim", "json-batch", "--count", "2").returncode == 0
+    claims = json.loads(cli(certs, "certs", "--json", "--role", "claim").stdout)
+    assert {c["role"] for c in claims} == {"claim"} and len(claims) == 3  # + the shared one
+    assert json.loads(cli(certs, "certs", "--json", "--status", "REVOKED").stdout) == []
+    assert json.loads(cli(certs, "things", "--json").stdout) == []
+    assert json.loads(cli(certs, "status", "--json").stdout) == {"running": False}
