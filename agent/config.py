@@ -9,6 +9,7 @@ by the type that key expects. Relative paths are relative to the config file's f
 from __future__ import annotations
 
 import os
+import ssl
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from agent.handlers import UNHANDLED_POLICIES, Unhandled
 from agent.keystore import DEFAULT_STATE_DIR, KEY_TYPES, KeyType, key_mode_problem
 from agent.provisioning import DEFAULT_COMMON_NAME, DEFAULT_TEMPLATE
 from agent.renewal import RenewalPolicy
+from agent.session import SessionError, load_identity
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -510,4 +512,9 @@ def claim_file_problems(path: Path, certificate: Path, key: Path) -> list[str]:
             problem = key_mode_problem(key, mode, what="claim key")
             if problem is not None:
                 problems.append(f"{label}: {problem}")
+    if not problems:
+        try:  # the same load as the claim connection's: a pair that does not match, now
+            load_identity(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), certificate, key)
+        except SessionError as exc:
+            problems.append(f"{label}: {exc}")
     return problems

@@ -140,6 +140,12 @@ def tls_context(ca_file: Path | str, cert_file: Path | str, key_file: Path | str
     A context can be shared by every session that uses the same identity.
     """
     context = verifying_context(ca_file)
+    load_identity(context, cert_file, key_file)
+    return context
+
+
+def load_identity(context: ssl.SSLContext, cert_file: Path | str, key_file: Path | str) -> None:
+    """Put the certificate and its key into ``context``; SessionError if they do not pair."""
     try:
         context.load_cert_chain(str(cert_file), str(key_file))
     except (OSError, ssl.SSLError) as exc:
@@ -155,7 +161,6 @@ def tls_context(ca_file: Path | str, cert_file: Path | str, key_file: Path | str
         raise SessionError(
             f"cannot use the certificate {cert_file} with the key {key_file}: {why}"
         ) from None
-    return context
 
 
 def describe_error(exc: BaseException) -> str:

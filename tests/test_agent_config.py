@@ -6,9 +6,16 @@ import stat
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from agent.config import ConfigError, load_config
 from agent.keystore import DEFAULT_STATE_DIR
+from broker.pki import (
+    CertificateAuthority,
+    generate_private_key,
+    write_private_key,
+    write_public_file,
+)
 from tests.fleet import fleet_agent
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "agent" / "agent.example.toml"
@@ -16,10 +23,23 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "agent" / "agent.example.toml
 
 @pytest.fixture
 def folder(tmp_path: Path) -> Path:
-    for name in ("ca.pem", "claim.pem", "claim.key"):
-        (tmp_path / name).write_text("x")
+    """ca.pem, and a claim certificate with its own key (config check pairs them)."""
+    (tmp_path / "ca.pem").write_text("x")
+    key = generate_private_key()
+    cert = CLAIM_CA.issue(key.public_key(), common_name="claim", days=1, purpose="client")
+    write_private_key(tmp_path / "claim.key", key)
+    write_public_file(tmp_path / "claim.pem", cert.public_bytes(serialization.Encoding.PEM))
     (tmp_path / "claim.key").chmod(0o600)  # chmod after writing: the umask may leave it 0644
     return tmp_path
+
+
+CLAIM_CA = CertificateAuthority.create(days=2)
+
+
+def test_a_claim_key_that_does_not_match_its_certificate_is_named(folder: Path) -> None:
+    write_private_key(folder / "claim.key", generate_private_key())  # another key
+    found = problems(write(folder, MINIMAL))
+    assert len(found) == 1 and "the key does not belong to the certificate" in found[0]
 
 
 def write(folder: Path, text: str) -> Path:
@@ -144,8 +164,7 @@ def test_a_claim_key_others_can_read_is_refused(folder: Path, loose: int) -> Non
 
 def test_config_check_refuses_a_world_readable_claim_key(folder: Path) -> None:
     key = folder / "claim.key"
-    key.write_text("-----BEGIN PRIVATE KEY-----\nc2VjcmV0\n-----END PRIVATE KEY-----\n")
-    key.chmod(0o644)  # after writing: as root too, the file really is 0644
+    key.chmod(0o644)  # as root too, the file really is 0644
     assert stat.S_IMODE(key.stat().st_mode) == 0o644
     config = write(folder, MINIMAL)
     proc = fleet_agent(
