@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from typing import Final
 
-from agent import control, logs, wire
+from agent import control, distribution_version, logs, wire
 from agent.config import DEFAULT_CONFIG, AgentConfig, ConfigError, claim_file_problems, load_config
 from agent.device import (
     Device,
@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"timeout (try again later), {EXIT_REVOKED} the device certificate is revoked",
     )
     _common(parser, top=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {distribution_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     provision = commands.add_parser(
         "provision",

@@ -14,20 +14,17 @@ import shutil
 import socket
 import time
 from collections.abc import Callable, Mapping
-from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from agent import distribution_version
 
 Reporter = Callable[[], Mapping[str, Any]]
 
 _STARTED = time.monotonic()
 
 
-def agent_version() -> str:
-    try:
-        return metadata.version("mqtt-fleet")
-    except metadata.PackageNotFoundError:  # running from a source tree
-        return "0+unknown"
+agent_version = distribution_version
 
 
 def _os_name() -> str:

@@ -6,6 +6,7 @@ Every failure is one line on stderr naming the problem and the fix, and a non-ze
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import getpass
 import json
 import os
@@ -18,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from agent import wire
+from agent import distribution_version, wire
 from broker import bootstrap, extras
 from broker.config import ConfigError, load_config
 from broker.hooks import HookConfigError, load_hooks
@@ -36,6 +37,8 @@ from broker.registry import (
 from broker.stack import RunningState, Stack, pid_alive
 from broker.templates import TemplateLoadError, load_templates
 
+# The scheme of all three tools: 0 done, 1 failed or refused, 2 bad command line or
+# configuration (fix it; retrying will not help), 3 not running or unreachable, 130 Ctrl-C.
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
 
 
@@ -98,13 +101,18 @@ def cmd_up(args: argparse.Namespace) -> int:
     stack.start()
     pki = PkiPaths(config.pki_dir)
     print(f"mqtt-fleet broker side is up (Ctrl-C or fleet-broker down --dir {args.dir} to stop)")
-    print(f"  endpoint       mqtts://{config.connect_host}:{config.port}  (mutual TLS, TLS >= 1.2)")
+    print(
+        f"  listening on   {config.bind_address}:{config.port}  (mutual TLS, TLS >= 1.2); "
+        f"from here: mqtts://{config.connect_host}:{config.port}"
+    )
     print(f"  CA certificate {pki.ca_cert}")
     print(f"  claim cert     {pki.claim_cert}")
     print(f"  claim key      {pki.claim_key}")
     print(f"  logs           {stack.files.log}, {stack.files.services_log}")
     sys.stdout.flush()
-    return stack.supervise()
+    code = stack.supervise()
+    print("mqtt-fleet broker side stopped")
+    return code
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -209,6 +217,7 @@ def _actor() -> str:
 
 
 def cmd_revoke(args: argparse.Namespace) -> int:
+    started = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1)
     revoked = bootstrap.revoke(args.dir, args.target, actor=_actor(), with_claim=args.claim)
     with _registry(args) as registry:
         thing = registry.get_thing(args.target)
@@ -219,7 +228,13 @@ def cmd_revoke(args: argparse.Namespace) -> int:
         )
     for record in revoked:
         owner = f"thing {record.thing_name}" if record.thing_name else record.role.value
-        print(f"revoked certificate {record.id[:16]}… ({owner})")
+        if record.revoked_at is not None and record.revoked_at < started:
+            print(
+                f"certificate {record.id[:16]}… ({owner}) was revoked already, "
+                f"at {record.revoked_at:%Y-%m-%d %H:%M:%S} UTC"
+            )
+        else:
+            print(f"revoked certificate {record.id[:16]}… ({owner})")
     # From here the plugin refuses them at CONNECT and drops live connections within a second
     # (it sweeps the registry), and the services refuse requests stamped with them. The kick
     # below only makes the disconnect immediate; the reload makes new TLS handshakes fail.
@@ -227,10 +242,8 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     local = state is not None and pid_alive(state.mosquitto_pid)
     if args.endpoint is None and not local:
         print(
-            "no broker running from this folder: new connections with them are refused by the "
-            "registry, and the CRL refuses them at the next broker start. A broker running "
-            "elsewhere (a container) drops their live connections within a second; add "
-            "--endpoint HOST to do it at once"
+            "no broker runs from this folder; one running elsewhere drops them within a second "
+            "(--endpoint HOST: at once)"
         )
         return EXIT_OK
     host, port = (args.endpoint, args.port) if args.endpoint else (state.host, state.port)
@@ -394,6 +407,15 @@ def cmd_shadow(args: argparse.Namespace) -> int:
     request: dict[str, object] = {"clientToken": f"fleet-cli-{os.getpid()}-{time.time_ns()}"}
     if args.shadow_command == "desire":
         request["state"] = {"desired": _desired_state(args.assignments)}
+        if args.endpoint is None:
+            with _registry(args) as registry:
+                if registry.get_thing(args.thing) is None:
+                    # AWS keeps shadows of unregistered things too; a typo must not pass unseen.
+                    print(
+                        f"note: no thing {args.thing} in the registry (fleet-broker things "
+                        "lists them); the shadow is changed all the same",
+                        file=sys.stderr,
+                    )
     topic = wire.shadow_topic(args.thing, operation, args.name)  # type: ignore[arg-type]
     replies = {wire.reply(topic, "accepted"), wire.reply(topic, "rejected")}  # type: ignore[arg-type]
     answer: dict[str, object] = {}
@@ -436,7 +458,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fleet-broker",
         description="A local, secure MQTT cloud for a device fleet: Mosquitto with mutual TLS "
         "and the mqtt-fleet plugin, a CA, a device registry and the fleet services.",
+        epilog="exit codes: 0 done, 1 failed or refused, 2 bad command line or configuration, "
+        "3 not running, 130 interrupted. Example: fleet-broker init && fleet-broker up",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {distribution_version()}")
     dir_help = "PKI, registry and run folder (default: certs)"
     parser.add_argument("--dir", type=Path, default=Path("certs"), help=dir_help)
     # The same option after the command too (`fleet-broker up --dir X`, as every hint prints
@@ -562,15 +587,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         extras.require("broker", ["cbor2"], command="fleet-broker")
         return args.handler(args)
+    except (ConfigError, TemplateLoadError, HookConfigError, extras.MissingExtra) as exc:
+        print(f"fleet-broker: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE  # what the user configured: fix it, do not retry
     except (
-        extras.MissingExtra,
         BrokerError,
-        ConfigError,
         PkiError,
         CommandError,
         ConnectError,
-        TemplateLoadError,
-        HookConfigError,
     ) as exc:
         print(f"fleet-broker: error: {exc}", file=sys.stderr)
     except (LookupError, ValueError) as exc:  # registry: unknown target, invalid name

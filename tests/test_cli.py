@@ -600,6 +600,7 @@ def test_operator_shadow_commands(certs: Path) -> None:
             certs, "shadow", "desire", "boiler-1", "target=21.5", 'mode="eco"', "sched.night=16"
         )
         assert desired.returncode == 0, desired.stderr
+        assert "note: no thing boiler-1 in the registry" in desired.stderr  # a typo shows
         assert json.loads(desired.stdout)["state"]["desired"]["sched"] == {"night": 16}
         shown = cli(certs, "shadow", "get", "boiler-1")
         assert shown.returncode == 0, shown.stderr
@@ -705,3 +706,24 @@ def test_listings_for_scripts_json_and_filters(certs: Path) -> None:
     assert json.loads(cli(certs, "certs", "--json", "--status", "REVOKED").stdout) == []
     assert json.loads(cli(certs, "things", "--json").stdout) == []
     assert json.loads(cli(certs, "status", "--json").stdout) == {"running": False}
+
+
+def test_revoking_twice_says_it_was_revoked_already(certs: Path) -> None:
+    assert cli(certs, "issue-claim", "twice").returncode == 0
+    claim = next(
+        c["id"] for c in json.loads(cli(certs, "certs", "--json").stdout) if c["label"] == "twice"
+    )
+    first = cli(certs, "revoke", claim)
+    assert first.returncode == 0 and f"revoked certificate {claim[:16]}" in first.stdout
+    time.sleep(1.1)
+    second = cli(certs, "revoke", claim)
+    assert second.returncode == 0 and "was revoked already" in second.stdout, second.stdout
+    assert len(second.stdout.splitlines()) == 2  # and one line about the broker, no paragraph
+
+
+def test_every_tool_says_its_version() -> None:
+    for module in ("broker.cli", "agent.cli"):
+        result = subprocess.run(
+            [sys.executable, "-m", module, "--version"], capture_output=True, text=True, env=ENV
+        )
+        assert result.returncode == 0 and result.stdout.split()[1][0].isdigit(), result
