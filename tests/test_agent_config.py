@@ -312,3 +312,30 @@ def test_config_and_set_are_taken_before_or_after_the_command() -> None:
     assert before.config == after.config == "a.toml"
     assert [*before.overrides, *before.overrides_after] == ["x.y=1", "z=2"]
     assert after.overrides_after == ["x.y=1", "z=2"]
+
+
+def test_output_piped_into_a_closed_reader_is_no_error(folder: Path) -> None:
+    """`fleet-agent config check | true`: the reader is gone; no 'internal error', exit 0."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.fleet import AGENT_ENV, REPO
+
+    config = write(folder, MINIMAL)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "agent.cli", "config", "check", "--config", str(config)],
+            cwd=REPO,
+            env=AGENT_ENV,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert "internal error" not in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 0, result.stderr
