@@ -200,7 +200,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
         try:
             existing = keystore.provisioned()
         except KeystoreError as exc:
-            raise Failure(f"state folder {keystore.root} is inconsistent: {exc}") from None
+            raise Failure(f"state folder {keystore.root}: {exc}", EXIT_USAGE) from None
         if existing is not None:
             record = existing.record
             print(

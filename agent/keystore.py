@@ -385,6 +385,15 @@ class Keystore:
             data = self.record_path.read_bytes()
         except FileNotFoundError:
             return None
+        except NotADirectoryError:
+            raise KeystoreError(
+                f"state folder {self.root} is not a folder: set agent.state_dir to a folder"
+            ) from None
+        except PermissionError:
+            raise KeystoreError(
+                f"cannot read {self.record_path}: permission denied; run as the agent's user, "
+                f"or: chown -R $(id -u) {self.root}"
+            ) from None
         try:
             return ProvisioningRecord.from_json(data)
         except (ValueError, KeyError, TypeError):

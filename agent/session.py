@@ -290,9 +290,11 @@ async def open_tls(
         ) from None
     except ssl.SSLError as exc:
         tls.close()
+        why = describe_error(exc)
+        if "wrong version number" in why:  # what OpenSSL says when the answer is not TLS
+            why += f" (is {where} a TLS port? mqtt-fleet's broker listens with TLS, often 8883)"
         raise TlsFailure(
-            f"TLS handshake with {where} failed: {describe_error(exc)}",
-            peer_refused="alert" in describe_error(exc),
+            f"TLS handshake with {where} failed: {why}", peer_refused="alert" in why
         ) from None
     except OSError as exc:
         tls.close()

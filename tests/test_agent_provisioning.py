@@ -393,3 +393,24 @@ def test_the_claim_key_is_never_logged(key_mode: int) -> None:
         )
         assert proc.returncode == (3 if key_mode == 0o600 else 2), (proc.returncode, proc.stderr)
         assert_no_key_material(proc, pem)
+
+
+def test_a_state_dir_that_is_a_file_is_named_with_exit_2(tmp_path: Path) -> None:
+    """Not 'internal error (NotADirectoryError)', exit 70: the config's own problem, exit 2
+    (systemd's unit does not restart on 2)."""
+    from tests.fleet import fleet_agent
+
+    not_a_folder = tmp_path / "state"
+    not_a_folder.write_text("")
+    for name in ("ca.pem", "c.pem", "c.key"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "c.key").chmod(0o600)
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'[broker]\nendpoint = "127.0.0.1"\nca_file = "{tmp_path / "ca.pem"}"\n'
+        f'[claim]\ncertificate = "{tmp_path / "c.pem"}"\nkey = "{tmp_path / "c.key"}"\n'
+        f'[agent]\nstate_dir = "{not_a_folder}"\n'
+    )
+    result = fleet_agent("provision", "--config", str(config))
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "internal error" not in result.stderr and "is not a folder" in result.stderr

@@ -364,3 +364,21 @@ def test_a_broker_certificate_without_the_endpoint_name_says_how_to_add_it(fleet
     with pytest.raises(TlsFailure, match="is not trusted") as raised:
         run(scenario)
     assert "fleet-broker broker-cert --host NAME" in str(raised.value)
+
+
+def test_a_port_that_does_not_speak_tls_is_named_as_such() -> None:
+    async def scenario() -> None:
+        async def hello(_r: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"HTTP/1.1 400 Bad Request\r\n\r\n")  # plain TCP: not TLS
+            await writer.drain()
+
+        server = await asyncio.start_server(hello, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            context = ssl.create_default_context()
+            await connect("127.0.0.1", port, client_id="x", context=context, timeout=3)
+        finally:
+            server.close()
+
+    with pytest.raises(TlsFailure, match="a TLS port"):
+        run(scenario)
