@@ -333,6 +333,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(main())
     except CertificateUnusable as exc:
+        record = keystore.load_record()
+        if record is not None:
+            with contextlib.suppress(OSError):
+                keystore.record_refusal(record.certificate_id, str(exc))
         raise Failure(
             f"{exc}; this device must be provisioned again (fleet-agent provision --force) "
             "or given a new certificate",
@@ -566,7 +570,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             certificate_id=provisioned.record.certificate_id,
             certificate_expires=certificate.not_valid_after_utc.isoformat(),
         )
-        if config.renewal.enabled:
+        refused = keystore.refusal()
+        if refused is not None:
+            report["certificate_refused"] = refused
+        if config.renewal.enabled and refused is None:
             due = renewal_time(
                 certificate,
                 config.renewal.share,
@@ -594,8 +601,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"thing        {report['thing']}")
         certificate_id = str(report["certificate_id"])[:12]
         print(f"certificate  {certificate_id}… expires {report['certificate_expires']}")
-        due = report.get("renewal_due")
-        print(f"renewal      {'due ' + str(due) if due else 'off (renewal.enabled = false)'}")
+        refused = report.get("certificate_refused")
+        if isinstance(refused, dict):
+            at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(refused.get("at", 0)))
+            print(f"             REFUSED by the broker at {at}: {refused.get('reason')}")
+            print("             provision again: fleet-agent provision --force")
+        else:
+            due = report.get("renewal_due")
+            print(f"renewal      {'due ' + str(due) if due else 'off (renewal.enabled = false)'}")
     runtime = report.get("runtime")
     if isinstance(runtime, dict):
         since = runtime.get("connected_since")

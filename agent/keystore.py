@@ -24,10 +24,11 @@ import json
 import os
 import secrets
 import stat
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Final, Literal, get_args
+from typing import Any, Final, Literal, get_args
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -379,6 +380,27 @@ class Keystore:
             raise KeystoreError(f"no device certificate at {self.cert_path}") from None
         except ValueError:
             raise KeystoreError(f"{self.cert_path} is not a PEM certificate") from None
+
+    @property
+    def refusal_path(self) -> Path:
+        return self.root / "refused.json"
+
+    def record_refusal(self, certificate_id: str, reason: str) -> None:
+        """The broker will not take this certificate again (revoked, expired): kept for
+        ``fleet-agent status``, which shows it while the device still holds that certificate."""
+        document = {"certificate_id": certificate_id, "reason": reason, "at": time.time()}
+        write_atomic(self.refusal_path, json.dumps(document).encode(), 0o644)
+
+    def refusal(self) -> dict[str, Any] | None:
+        """The recorded refusal of the certificate the device holds now, if any."""
+        try:
+            document = json.loads(self.refusal_path.read_bytes())
+            record = self.load_record()
+        except (OSError, ValueError, KeystoreError):
+            return None
+        if not isinstance(document, dict) or record is None:
+            return None
+        return document if document.get("certificate_id") == record.certificate_id else None
 
     def load_record(self) -> ProvisioningRecord | None:
         try:

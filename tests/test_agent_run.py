@@ -320,6 +320,10 @@ def test_a_revoked_device_stops_with_its_own_exit_code() -> None:
         assert daemon.returncode == 4, err
         assert "revoked" in err and "provision --force" in err
         assert "Traceback" not in err
+        # `status` says so afterwards, instead of an expiry and a renewal date.
+        status = fleet_agent("status", "--config", str(config))
+        assert "REFUSED by the broker" in status.stdout and "revoked" in status.stdout
+        assert "renewal" not in status.stdout
 
 
 def test_presence_is_retained_online_then_offline_by_will_or_clean_stop(fleet: Fleet) -> None:
