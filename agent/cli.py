@@ -664,6 +664,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except PermissionError as exc:
+        # Typically a file root made in the agent's state folder (a command run as root):
+        # name it and the fix; exit 2, so systemd does not restart into the same wall.
+        where = exc.filename or "a file in the state folder"
+        print(
+            f"{PROG}: {where}: permission denied for uid {os.geteuid()}; run as the agent's "
+            f"user, or give it the state folder: chown -R <agent user>: <state_dir>",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     except BrokenPipeError:
         # The reader went away (`fleet-agent status | true`): not an error, and no complaint
         # from the interpreter flushing stdout at exit either.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import stat
 import subprocess
 from pathlib import Path
@@ -398,7 +399,6 @@ def test_the_claim_key_is_never_logged(key_mode: int) -> None:
 def test_a_state_dir_that_is_a_file_is_named_with_exit_2(tmp_path: Path) -> None:
     """Not 'internal error (NotADirectoryError)', exit 70: the config's own problem, exit 2
     (systemd's unit does not restart on 2)."""
-    from tests.fleet import fleet_agent
 
     not_a_folder = tmp_path / "state"
     not_a_folder.write_text("")
@@ -414,3 +414,31 @@ def test_a_state_dir_that_is_a_file_is_named_with_exit_2(tmp_path: Path) -> None
     result = fleet_agent("provision", "--config", str(config))
     assert result.returncode == 2, (result.returncode, result.stderr)
     assert "internal error" not in result.stderr and "is not a folder" in result.stderr
+
+
+@pytest.mark.skipif(shutil.which("chattr") is None, reason="needs chattr (e2fsprogs)")
+def test_a_state_folder_the_agent_may_not_write_is_named_with_exit_2(tmp_path: Path) -> None:
+    """What a root-owned state folder does to the agent's user, made real for root too with
+    the immutable attribute: the path and the chown line, exit 2 (systemd stops), not an
+    'internal error (PermissionError)', exit 70, restarted every 5 s."""
+
+    for name in ("ca.pem", "c.pem", "c.key"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "c.key").chmod(0o600)
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'[broker]\nendpoint = "127.0.0.1"\nca_file = "{tmp_path / "ca.pem"}"\n'
+        f'[claim]\ncertificate = "{tmp_path / "c.pem"}"\nkey = "{tmp_path / "c.key"}"\n'
+        f'[agent]\nstate_dir = "{state}"\n'
+    )
+    if subprocess.run(["chattr", "+i", str(state)], capture_output=True).returncode != 0:
+        pytest.skip("this file system has no immutable attribute")
+    try:
+        result = fleet_agent("run", "--config", str(config), timeout=30)
+    finally:
+        subprocess.run(["chattr", "-i", str(state)], check=True)
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "permission denied" in result.stderr and "chown -R" in result.stderr
+    assert "internal error" not in result.stderr
