@@ -260,10 +260,20 @@ async def _onboard_until_done(
         try:
             done = await onboard(settings, keystore)
         except OnboardingFailed as exc:
-            if not exc.transient:
-                raise Failure(str(exc), EXIT_FAILED) from None
-            delay = backoff.failed("transient")
-            log.warning("onboarding failed (%s); trying again in %.1f s", exc, delay)
+            if exc.error_code == "InvalidParameters":
+                # The template wants parameters this config does not give: only an edit helps.
+                raise Failure(
+                    f"{exc}; set them under [provisioning.parameters] in {config.path}",
+                    EXIT_USAGE,
+                ) from None
+            if exc.transient:
+                delay = backoff.failed("transient")
+                log.warning("onboarding failed (%s); trying again in %.1f s", exc, delay)
+            else:
+                # Refused for now (a hook's allow-list, a revoked thing, a template): an
+                # operator may fix it, so try again, but minutes apart, not at systemd's 5 s.
+                delay = backoff.failed("identity")
+                log.error("onboarding refused (%s); trying again in %.0f s", exc, delay)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
             continue

@@ -67,11 +67,20 @@ class Cause(enum.Enum):
 class OnboardingFailed(Exception):
     """One line for the operator; ``transient`` if trying again later may succeed."""
 
-    def __init__(self, stage: Stage, cause: Cause, message: str, *, transient: bool) -> None:
+    def __init__(
+        self,
+        stage: Stage,
+        cause: Cause,
+        message: str,
+        *,
+        transient: bool,
+        error_code: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.stage = stage
         self.cause = cause
         self.transient = transient
+        self.error_code = error_code  # the AWS errorCode of a rejection
 
 
 @dataclass(frozen=True)
@@ -211,6 +220,7 @@ async def onboard(settings: ClaimSettings, keystore: Keystore) -> Onboarded:
             Cause.REJECTED,
             f"{exc.step.value} rejected: {exc.error_code} ({exc.status_code}): {exc.error_message}",
             transient=RetryPolicy.is_transient(exc),
+            error_code=exc.error_code,
         ) from None
     except ProvisioningError as exc:
         raise OnboardingFailed(Stage.PROVISION, Cause.PROTOCOL, str(exc), transient=False) from None

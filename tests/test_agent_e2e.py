@@ -139,7 +139,7 @@ def test_a_key_others_can_read_is_refused_with_the_fix(fleet: Fleet) -> None:
     assert run_agent(config).returncode == 0
     key_path = state_of(config).key_path
     key_path.chmod(0o644)
-    line = assert_one_line_failure(run_agent(config))
+    line = assert_one_line_failure(run_agent(config), code=2)  # the device's own setup: fix it
     assert f"chmod 600 {key_path}" in line
 
 
@@ -311,3 +311,22 @@ def test_in_process_failure_names_the_cause(fleet: Fleet) -> None:
     assert "ResourceNotFound" in str(raised.value)
     assert json.dumps(str(raised.value))  # a plain one-line string
     assert "\n" not in str(raised.value)
+
+
+def test_run_without_the_templates_parameters_stops_with_exit_2_naming_them(
+    fleet: Fleet,
+) -> None:
+    """packaging/README's sample once had no SerialNumber: under systemd that was a claim
+    connection and a signed CSR every 5 s forever. Now it is a config error (exit 2, which
+    the unit does not restart) that names the section to fill in."""
+    config = agent_config(fleet, None)
+    result = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "InvalidParameters" in result.stderr and "[provisioning.parameters]" in result.stderr
