@@ -320,3 +320,18 @@ def test_a_phase_and_a_subset_of_steps() -> None:
     assert set(recorder.step_summary(only=("onboarding",))) == {"onboarding"}
     assert recorder.step_summary() == recorder.summary()["steps"]
     assert recorder.errors_total() == 2 == recorder.summary()["errors_total"]
+
+
+def test_plots_shade_phases_and_leave_out_gauges_that_never_moved(tmp_path: Path) -> None:
+    rec = Recorder(T0)
+    for i in range(30):
+        rec.observe("shadow_update", 0.004, at=T0 + i)
+        rec.gauge("services_requests_waiting", 0, at=T0 + i)  # flat zero: says nothing
+        rec.gauge("devices_connected@1", min(i, 20), at=T0 + i)
+    rec.observe("reconnect", 0.45, at=T0 + 25)  # the storm: one bucket, drawn with a marker
+    phases = [("ramp", 0.0, 10.0), ("hold", 10.0, 24.0), ("storm", 24.0, 27.0)]
+    paths = write_plots(rec.timeline(), tmp_path, title="30 devices", phases=phases)
+    assert [p.name for p in paths] == ["rates.png", "latency.png", "gauges.png"]
+    rec = Recorder(T0)
+    rec.gauge("services_requests_waiting", 0, at=T0 + 1)
+    assert write_plots(rec.timeline(), tmp_path / "flat") == []
