@@ -31,12 +31,18 @@ from agent.device import (
 )
 from agent.instance import AlreadyRunning, InstanceLock
 from agent.keystore import Keystore, KeystoreError, Provisioned, remove_durably
-from agent.onboarding import ClaimSettings, OnboardingFailed, onboard
+from agent.onboarding import ClaimSettings, OnboardingFailed, onboard, prove_certificate
 from agent.provisioning import RetryPolicy
 from agent.reconnect import Backoff
 from agent.renewal import RenewalFailed, obtained_at, renewal_time
 from agent.runtime import CertificateUnusable
-from agent.session import SessionError, tls_context
+from agent.session import (
+    BrokerUnreachable,
+    ConnectRefused,
+    SessionError,
+    SessionTimeout,
+    tls_context,
+)
 from agent.shadow import ReportQueueFull
 from agent.shadow_sync import ShadowRejected, ShadowSync
 from agent.systemd import Notifier, watchdog_loop
@@ -131,6 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     config_commands = config.add_subparsers(dest="config_command", metavar="ACTION")
     config_commands.required = True
     _common(config_commands.add_parser("check", help="validate agent.toml and the state folder"))
+    connect = commands.add_parser(
+        "connect",
+        help="prove the provisioned identity works: connect as the thing once, and leave",
+        description="Connect with the device's own certificate as its thing, subscribe to "
+        "its shadow delta and disconnect; say how long it took, or why it failed. With an "
+        "agent running, ask it instead (a second connection would take its session).",
+    )
+    _common(connect)
     renew = commands.add_parser(
         "renew",
         help="renew the device certificate now (through the running agent if any)",
@@ -365,6 +379,51 @@ def _require_provisioned(config: AgentConfig, keystore: Keystore) -> Provisioned
             EXIT_USAGE,
         )
     return provisioned
+
+
+def cmd_connect(args: argparse.Namespace) -> int:
+    config, keystore = _load(args)
+    provisioned = _require_provisioned(config, keystore)
+    thing = provisioned.record.thing_name
+    where = f"{config.broker.endpoint}:{config.broker.port}"
+    if InstanceLock(keystore.root).held_elsewhere():
+        try:
+            status = control.call(config.agent.socket_path, {"op": "status"})["status"]
+        except control.ControlError as exc:
+            raise Failure(f"an agent runs here but does not answer: {exc}", EXIT_FAILED) from None
+        if status.get("state") != "connected":
+            raise Failure(
+                f"the running agent is {status.get('state')}: {status.get('last_error') or '?'}",
+                EXIT_TRANSIENT,
+            )
+        print(f"the running agent is connected to {where} as thing {thing}")
+        return EXIT_OK
+    try:
+        context = tls_context(config.broker.ca_file, provisioned.cert_path, provisioned.key_path)
+        started = time.monotonic()
+        asyncio.run(
+            prove_certificate(
+                config.broker.endpoint,
+                config.broker.port,
+                context,
+                thing,
+                config.provisioning.timeout,
+            )
+        )
+    except ConnectRefused as exc:
+        code = EXIT_REVOKED if exc.identity_refused else EXIT_TRANSIENT
+        raise Failure(f"{where} refused thing {thing}'s certificate: {exc}", code) from None
+    except (BrokerUnreachable, SessionTimeout) as exc:
+        raise Failure(str(exc), EXIT_TRANSIENT) from None
+    except SessionError as exc:
+        raise Failure(str(exc), EXIT_FAILED) from None
+    elapsed = (time.monotonic() - started) * 1000
+    print(
+        f"connected to {where} as thing {thing} with certificate "
+        f"{provisioned.record.certificate_id[:12]}… and subscribed to its shadow in "
+        f"{elapsed:.0f} ms"
+    )
+    return EXIT_OK
 
 
 def cmd_renew(args: argparse.Namespace) -> int:
@@ -664,6 +723,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "status": cmd_status,
         "config": cmd_config_check,
         "renew": cmd_renew,
+        "connect": cmd_connect,
     }
     try:
         return commands[args.command](args)

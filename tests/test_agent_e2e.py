@@ -330,3 +330,29 @@ def test_run_without_the_templates_parameters_stops_with_exit_2_naming_them(
     )
     assert result.returncode == 2, result.stderr
     assert "InvalidParameters" in result.stderr and "[provisioning.parameters]" in result.stderr
+
+
+def test_connect_proves_the_provisioned_identity_and_names_a_refusal(fleet: Fleet) -> None:
+    config = agent_config(fleet, "E2E-CONNECT")
+    assert run_agent(config).returncode == 0
+    proved = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "connect", "--config", str(config)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proved.returncode == 0, proved.stderr
+    assert "as thing generic-E2E-CONNECT" in proved.stdout and "subscribed" in proved.stdout
+    bootstrap.revoke(fleet.pki.root, "generic-E2E-CONNECT")
+    refused = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "connect", "--config", str(config)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 4, refused.stderr
+    assert "refused thing generic-E2E-CONNECT's certificate" in refused.stderr
