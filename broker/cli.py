@@ -385,6 +385,53 @@ def cmd_templates(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _broker_address(args: argparse.Namespace) -> tuple[str, int]:
+    """--endpoint/--port, or the broker that `fleet-broker up` runs from this folder."""
+    if args.endpoint is not None:
+        return args.endpoint, args.port
+    state = RunningState.read(RunFiles(_config(args).run_dir))
+    if state is None or not pid_alive(state.mosquitto_pid):
+        raise CommandError(
+            f"the broker side is not running: fleet-broker up --dir {args.dir} (or name "
+            "a broker running elsewhere with --endpoint HOST)"
+        )
+    return state.host, state.port
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    """What `mosquitto_sub -v` gives by hand: a thing's shadow documents, deltas and presence
+    as they change, one line each, until Ctrl-C or SIGTERM."""
+    host, port = _broker_address(args)
+    thing = args.thing or "+"
+    topics = [
+        wire.shadow_documents(thing),
+        wire.shadow_delta(thing),
+        wire.shadow_documents(thing, "+"),
+        wire.shadow_delta(thing, "+"),
+        wire.status_topic(thing),
+    ]
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+
+    def on_message(_c: object, _u: object, message) -> None:
+        stamp = time.strftime("%H:%M:%S")
+        text = message.payload.decode(errors="replace")
+        print(f"{stamp} {message.topic} {text}", flush=True)
+
+    client = _service_client(args, host, port, "watch")
+    client.on_message = on_message
+    client.subscribe([(topic, 1) for topic in topics])
+    print(f"watching {args.thing or 'every thing'} at {host}:{port} (Ctrl-C stops)", flush=True)
+    try:
+        while not stop.wait(0.5):
+            if not client.is_connected():
+                raise CommandError(f"the broker at {host}:{port} closed the connection")
+    finally:
+        disconnect(client)
+    return EXIT_OK
+
+
 def _desired_state(assignments: Sequence[str]) -> dict[str, object]:
     try:
         return wire.state_from_assignments(assignments)
@@ -393,16 +440,7 @@ def _desired_state(assignments: Sequence[str]) -> dict[str, object]:
 
 
 def cmd_shadow(args: argparse.Namespace) -> int:
-    if args.endpoint is not None:
-        host, port = args.endpoint, args.port
-    else:
-        state = RunningState.read(RunFiles(_config(args).run_dir))
-        if state is None or not pid_alive(state.mosquitto_pid):
-            raise CommandError(
-                f"the broker side is not running: fleet-broker up --dir {args.dir} (or name "
-                "a broker running elsewhere with --endpoint HOST)"
-            )
-        host, port = state.host, state.port
+    host, port = _broker_address(args)
     operation = {"get": "get", "desire": "update", "delete": "delete"}[args.shadow_command]
     request: dict[str, object] = {"clientToken": f"fleet-cli-{os.getpid()}-{time.time_ns()}"}
     if args.shadow_command == "desire":
@@ -568,6 +606,14 @@ def build_parser() -> argparse.ArgumentParser:
         if action == "desire":
             p.add_argument("assignments", nargs="+", metavar="key=value")
     add("templates", cmd_templates, "list the provisioning templates devices can register with")
+    p = add(
+        "watch",
+        cmd_watch,
+        "print a thing's shadow documents, deltas and presence as they change (all things "
+        "without a name)",
+    )
+    p.add_argument("thing", nargs="?", help="thing name (default: every thing)")
+    _add_endpoint(p)
     return parser
 
 

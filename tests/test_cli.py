@@ -727,3 +727,27 @@ def test_every_tool_says_its_version() -> None:
             [sys.executable, "-m", module, "--version"], capture_output=True, text=True, env=ENV
         )
         assert result.returncode == 0 and result.stdout.split()[1][0].isdigit(), result
+
+
+def test_watch_prints_shadow_changes_as_they_happen_and_stops_on_sigterm(certs: Path) -> None:
+    with fleet_up(certs):
+        watcher = subprocess.Popen(
+            command(certs, "watch", "kettle-1"),
+            cwd=REPO,
+            env=ENV,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert watcher.stdout is not None
+            assert "watching kettle-1" in watcher.stdout.readline()
+            time.sleep(0.3)  # subscribed by now
+            assert cli(certs, "shadow", "desire", "kettle-1", "temp=90").returncode == 0
+            line = watcher.stdout.readline()
+            assert "$aws/things/kettle-1/shadow/update/" in line and '"temp":90' in line, line
+        finally:
+            watcher.send_signal(signal.SIGTERM)
+            _, err = watcher.communicate(timeout=10)
+        assert watcher.returncode == 0, err
