@@ -12,7 +12,8 @@ The Python interface is one callable per set of top-level keys::
 whole desired section as last known. The handler returns the state it *reached* (which may
 differ from the one asked for) as a patch for ``reported``, or None to report nothing. It may be
 ``async``. An exception marks its keys as failed: nothing is reported for them and they are
-tried again on the next delta, reconnect or report tick.
+tried again on the next delta, reconnect or report tick. A handler interrupted before it
+returns (the connection ended, the agent stops) counts as not run: it gets its keys again.
 
 A handler registered without keys takes every key no other handler claims. Keys nobody handles
 are left alone (``unhandled = "ignore"``, the default: never report a state the device did not
@@ -31,7 +32,7 @@ import json
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -61,12 +62,36 @@ class HandlerFailed(Exception):
 
 
 @dataclass(frozen=True)
+class Step:
+    """One handler's part of applying a delta: the keys it owned and what it reached."""
+
+    keys: frozenset[str]
+    reported: Document
+    failed: bool = False
+    unhandled: bool = False  # nobody handles these keys (left alone: unhandled = "ignore")
+
+
+@dataclass(frozen=True)
 class Applied:
     """The outcome of applying one delta."""
 
     reported: Document = field(default_factory=dict)
     failed: frozenset[str] = frozenset()
     unhandled: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, steps: Iterable[Step]) -> Applied:
+        """The steps of one `HandlerSet.steps` together (the ones that finished, say)."""
+        reported: Document = {}
+        failed: set[str] = set()
+        unhandled: set[str] = set()
+        for step in steps:
+            reported.update(step.reported)
+            if step.failed:
+                failed |= step.keys
+            if step.unhandled:
+                unhandled |= step.keys
+        return cls(reported, frozenset(failed), frozenset(unhandled))
 
 
 @dataclass(frozen=True)
@@ -121,34 +146,39 @@ class HandlerSet:
     ) -> Applied:
         """Run the handlers owning ``delta``'s keys one after the other: keyed handlers in
         registration order, then the catch-all."""
+        return Applied.of([step async for step in self.steps(thing, shadow, delta, desired)])
+
+    async def steps(
+        self, thing: str, shadow: str | None, delta: Mapping[str, Any], desired: Mapping[str, Any]
+    ) -> AsyncIterator[Step]:
+        """`apply`, one step per handler (then one for the keys nobody handles), each given as
+        soon as its handler returns: a caller interrupted half-way knows what finished."""
         work, rest = self._split(delta)
-        reported: Document = {}
-        failed: set[str] = set()
         for binding, mine in work:
-            change = DesiredChange(thing, shadow, mine, dict(desired))
-            try:
-                outcome = binding.handler(change)
-                if inspect.isawaitable(outcome):
-                    outcome = await outcome
-            except Exception as exc:
-                detail = str(exc) if isinstance(exc, HandlerFailed) else type(exc).__name__
-                log.error(
-                    "handler %s failed on %s: %s", binding.name, ", ".join(sorted(mine)), detail
-                )
-                log.debug("handler %s traceback", binding.name, exc_info=True)
-                failed.update(mine)
-                continue
-            if outcome is None:
-                continue
-            if not isinstance(outcome, Mapping):
-                log.error("handler %s returned %s, not a mapping", binding.name, type(outcome))
-                failed.update(mine)
-                continue
-            reported.update(outcome)
+            yield await self._run(binding, DesiredChange(thing, shadow, mine, dict(desired)))
         if rest and self.unhandled == "echo":
-            reported.update(rest)
-            rest = {}
-        return Applied(reported, frozenset(failed), frozenset(rest))
+            yield Step(frozenset(rest), dict(rest))
+        elif rest:
+            yield Step(frozenset(rest), {}, unhandled=True)
+
+    @staticmethod
+    async def _run(binding: _Binding, change: DesiredChange) -> Step:
+        keys = frozenset(change.delta)
+        try:
+            outcome = binding.handler(change)
+            if inspect.isawaitable(outcome):
+                outcome = await outcome
+        except Exception as exc:
+            detail = str(exc) if isinstance(exc, HandlerFailed) else type(exc).__name__
+            log.error("handler %s failed on %s: %s", binding.name, ", ".join(sorted(keys)), detail)
+            log.debug("handler %s traceback", binding.name, exc_info=True)
+            return Step(keys, {}, failed=True)
+        if outcome is None:
+            return Step(keys, {})
+        if not isinstance(outcome, Mapping):
+            log.error("handler %s returned %s, not a mapping", binding.name, type(outcome))
+            return Step(keys, {}, failed=True)
+        return Step(keys, dict(outcome))
 
 
 class CommandHandler:

@@ -2,11 +2,16 @@
 
 Failures are told apart because they call for different waits:
 
-- ``transient`` (unreachable, timeout, connection lost): start fast, double up to a cap;
-- ``identity`` (TLS alert from the broker, CONNACK not-authorised, or a disconnect right after
-  CONNACK, which is how a broker that refuses a client late behaves): the certificate or the
-  broker's registry must change first, so wait much longer and say so;
+- ``transient`` (unreachable, timeout, connection lost, closed by us): start fast, double up to
+  a cap;
+- ``identity`` (TLS alert from the broker, CONNACK not-authorised, or a DISCONNECT whose reason
+  refuses this client): the certificate or the broker's registry must change first, so wait
+  much longer and say so;
 - ``revoked``: retrying cannot help; the caller stops (see `CertificateRevoked` in runtime).
+
+How soon a connection ended says nothing by itself: a broker restarted twice in a row, or our
+own close after a local error, ends one right after CONNACK too. Only the broker's own reason
+code counts as a refusal.
 
 The failure count is reset once a connection has stayed up for ``stable_after`` seconds, so a
 flapping link keeps backing off while a long-lived one reconnects quickly after a blip.
@@ -17,9 +22,25 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Final, Literal
 
 FailureKind = Literal["transient", "identity"]
+#: How a connection ended: we closed it, it was lost (a plain socket EOF, a keepalive timeout,
+#: a DISCONNECT that refuses nothing), or the broker refused this client with its DISCONNECT.
+Ending = Literal["ours", "lost", "refused"]
+
+#: DISCONNECT reason codes that refuse this client (MQTT 5, 3.14.2.1), not the connection:
+#: bad credentials, not authorised, banned, use another server, server moved. Not 0x98
+#: (administrative action, a kick: the next handshake says whether the certificate is still
+#: good) nor 0x80 (also what a socket closed without DISCONNECT reports).
+REFUSALS: Final = frozenset({0x86, 0x87, 0x8A, 0x9C, 0x9D})
+
+
+def ending(closed_by_us: bool, reason_code: int | None) -> Ending:
+    """How a connection ended, from who closed it and the broker's DISCONNECT reason code."""
+    if closed_by_us:
+        return "ours"
+    return "refused" if reason_code in REFUSALS else "lost"
 
 
 @dataclass(frozen=True)
@@ -29,8 +50,6 @@ class ReconnectPolicy:
     identity_min_delay: float = 60.0
     identity_max_delay: float = 900.0
     stable_after: float = 60.0
-    #: A connection that ends sooner than this after CONNACK counts as an identity refusal.
-    early_disconnect: float = 2.0
 
 
 class Backoff:
@@ -53,12 +72,13 @@ class Backoff:
         ceiling = min(p.max_delay, p.base_delay * 2 ** (self.failures - 1))
         return self._uniform(0.0, ceiling)
 
-    def connection_ended(self, lasted: float) -> FailureKind | None:
-        """After a connection that lasted ``lasted`` seconds: reset when it was stable; the
-        kind of failure it counts as when it ended early; None for an ordinary drop."""
-        if lasted >= self.policy.stable_after:
+    def connection_ended(self, lasted: float, how: Ending = "lost") -> FailureKind | None:
+        """After a connection that lasted ``lasted`` seconds and ended ``how``: the kind of
+        failure it counts as, or None for an ordinary drop of a stable connection (the count
+        is reset then)."""
+        stable = lasted >= self.policy.stable_after
+        if stable:
             self.failures = 0
-            return None
-        if lasted < self.policy.early_disconnect:
+        if how == "refused":
             return "identity"
-        return "transient"
+        return None if stable else "transient"

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import wire
-from agent.reconnect import Backoff, FailureKind, ReconnectPolicy
+from agent.reconnect import Backoff, Ending, FailureKind, ReconnectPolicy, ending
 from agent.renewal import RenewalFailed, Renewer
 from agent.reporters import Reporter
 from agent.session import (
@@ -43,7 +43,7 @@ from agent.session import (
     tls_context,
 )
 from agent.shadow import Document, ReportQueueFull, merge
-from agent.shadow_sync import ShadowRejected, ShadowSync
+from agent.shadow_sync import QueueNotSaved, ShadowRejected, ShadowSync
 
 log = logging.getLogger("fleet.agent.runtime")
 
@@ -186,22 +186,21 @@ class DeviceRuntime:
                 if staged is not None and self.renewer:
                     await self._switch_to_renewed()
                 started = time.monotonic()
-                await self._connected(session, stop)
+                how = await self._connected(session, stop)
                 if stop.is_set():
                     break
                 if self._switching:
                     self._switching = False
                     continue  # reconnect at once, with the staged certificate
-                kind = self.backoff.connection_ended(time.monotonic() - started)
-                if session.disconnect_code == ADMINISTRATIVE_ACTION:
+                kind = self.backoff.connection_ended(time.monotonic() - started, how)
+                if how == "lost" and session.disconnect_code == ADMINISTRATIVE_ACTION:
                     # Kicked, perhaps because the certificate was just revoked: the next
                     # handshake says so; wait the ordinary short time to find out.
                     log.warning("the broker's operator ended the connection")
-                    kind = "transient"
                 elif kind == "identity":
                     log.error(
-                        "the broker closed the connection right after accepting it (%s): "
-                        "treating it as a refusal of this certificate",
+                        "the broker refused this device's connection (%s); waiting longer "
+                        "before trying again",
                         session.disconnect_reason,
                     )
                 await self._pause(self.backoff.failed(kind or "transient"), stop)
@@ -293,7 +292,8 @@ class DeviceRuntime:
             await asyncio.wait_for(stop.wait(), delay)
         self.next_attempt = None
 
-    async def _connected(self, session: Session, stop: asyncio.Event) -> None:
+    async def _connected(self, session: Session, stop: asyncio.Event) -> Ending:
+        """Serve the shadows over ``session`` until it ends; how it ended."""
         self.session = session
         self.connections += 1
         tasks: list[asyncio.Task[Any]] = []
@@ -333,6 +333,8 @@ class DeviceRuntime:
             self.last_error = str(exc)
             log.warning("connection setup failed: %s", exc)
         finally:
+            # Who ended it, before our own DISCONNECT below makes every connection look closed.
+            how = ending(not session.closed, session.disconnect_code)
             for task in tasks:
                 task.cancel()
             if tasks:  # bounded: a handler that ignores cancellation cannot hold us here
@@ -346,17 +348,29 @@ class DeviceRuntime:
                         self._status_topic, presence("offline", "stopped"), retain=True, timeout=2
                     )
             await session.disconnect()
+        return how
 
     async def _report_ticker(self, stop: asyncio.Event) -> None:
+        """Device facts and the handlers' retries, every ``report_interval``. Nothing ends it
+        but ``stop``: a tick that fails (the state folder full or read-only, say) is logged
+        and the next one tries again."""
         while not stop.is_set():
-            if self.reporters:
-                facts = self.collect_facts()
-                if facts:
-                    try:
-                        await self.facts_shadow.report(facts)
-                    except ReportQueueFull as exc:
-                        log.warning("device facts not reported: %s", exc)  # fresh ones next tick
-            for sync in self.syncs.values():
-                sync.retry_failed()
+            try:
+                await self._tick()
+            except Exception:  # a bug: say so, and keep ticking
+                log.exception("report tick failed")
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.settings.report_interval)
+
+    async def _tick(self) -> None:
+        if self.reporters:
+            facts = self.collect_facts()
+            if facts:
+                try:
+                    await self.facts_shadow.report(facts)
+                except ReportQueueFull as exc:
+                    log.warning("device facts not reported: %s", exc)  # fresh ones next tick
+                except QueueNotSaved as exc:
+                    log.warning("device facts not saved: %s", exc)  # sent all the same
+        for sync in self.syncs.values():
+            sync.retry_failed()

@@ -271,7 +271,11 @@ class Rejection:
 class ShadowTracker:
     """What the device knows about one shadow, driven by the messages it receives.
 
-    ``version`` is the newest version seen in any message; anything older is stale.
+    ``version`` is the newest version seen in any message; anything older is stale, except
+    the reply to the device's own get (``current``, if nothing newer came in meanwhile): that
+    is the service's document as it is now, even at a lower version (the service's versions
+    went back: a registry restored from a backup, commits lost to a power cut), and holding on
+    to the higher one would drop every message from then on.
     ``attempted`` holds the desired values already handed to the handlers, so a delta that is
     re-sent (after every update that leaves desired unreached) does not re-run them.
     """
@@ -286,11 +290,12 @@ class ShadowTracker:
     def _is_stale(self, version: int) -> bool:
         return self.version is not None and version < self.version
 
-    def on_get_accepted(self, document: object) -> Document:
-        """A full document: replace what we know; return its delta."""
+    def on_get_accepted(self, document: object, *, current: bool = False) -> Document:
+        """A full document: replace what we know; return its delta. ``current``: the reply to
+        our own get, with nothing newer seen while it was on its way: never stale."""
         doc = _object(document, "get/accepted")
         version = _version(doc, "get/accepted")
-        if self._is_stale(version):
+        if self._is_stale(version) and not current:
             return {}
         state = _section(doc, "state")
         self.version, self.exists = version, True
@@ -357,7 +362,8 @@ class ShadowTracker:
 
     def to_apply(self, delta: Mapping[str, Any]) -> Document:
         """The top-level keys of ``delta`` not yet handed to the handlers with these values;
-        they are recorded as attempted."""
+        they are recorded as attempted (a handler that is interrupted before it returns must
+        `forget_attempts` its keys, or they are never handed over again)."""
         fresh = {
             key: value
             for key, value in delta.items()

@@ -9,12 +9,21 @@ report made offline, or made just before the process dies, is sent on the next c
 composed with the others into as few updates as the merge rules allow. Updates carry the last
 version seen (optimistic locking); a 409 is answered by a get (which also applies any newer
 desired state) and the same report is sent again: a report is never dropped for a conflict.
+Conflicts in a row back off (the first is retried at once). The reply to our own get is the
+service's document as it is now, even at a lower version than we saw: when the service's
+versions go back (a restored registry), that is how the device catches up; a delta older than
+what we hold is answered by such a get too.
 Only a permanent rejection (400, 403, 413, ...) removes it, into a ``.rejected`` file beside
 the queue for the operator.
 
 Both files are bounded: the queue refuses a report that would take it over ``max_queue_bytes``
 (`ReportQueueFull`; what is queued stays), and the rejected file is rotated to ``.1`` before it
-would pass ``max_rejected_bytes``.
+would pass ``max_rejected_bytes``. A write the state folder refuses (full, read-only) never
+ends the sync: it is logged, the queue in memory is sent all the same, and the next save (or
+report tick) tries again.
+
+A handler interrupted by the end of the connection counts as not attempted: the next connection
+hands its keys over again. What the handlers that did finish reached is queued at once.
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from agent import wire
-from agent.handlers import HandlerSet
+from agent.handlers import Applied, HandlerSet, Step
 from agent.keystore import write_atomic
 from agent.provisioning import RetryPolicy
 from agent.session import Message, Session, SessionError, SessionTimeout, wait_future
@@ -58,6 +67,22 @@ class ShadowRejected(Exception):
     def __init__(self, operation: str, rejection: Rejection) -> None:
         super().__init__(f"shadow {operation} rejected: {rejection.code} {rejection.message}")
         self.rejection = rejection
+
+
+class QueueNotSaved(OSError):
+    """The report queue could not be written to the state folder (full, read-only). The
+    report is queued in memory all the same: sent while the agent runs, written to disk by
+    the next save that works."""
+
+    def __init__(self, where: object, cause: OSError) -> None:
+        why = cause.strerror or str(cause)
+        if cause.filename is not None and str(cause.filename) != str(where):
+            why += f": {cause.filename}"
+        super().__init__(cause.errno, why)
+        self.message = f"cannot write the report queue {where}: {why}"
+
+    def __str__(self) -> str:
+        return self.message
 
 
 # ------------------------------------------------------------------------------ storage
@@ -193,6 +218,8 @@ class ShadowSync:
         self._pending: dict[str, asyncio.Future[Document | Rejection]] = {}
         self._drained = asyncio.Event()
         self._unhandled_logged: set[str] = set()
+        self._resync = False  # a stale delta came in: get the document before going on
+        self._gets: dict[str, int | None] = {}  # our gets on their way: the version when sent
         if not self.queue:
             self._drained.set()
         elif (size := self.queue.size()) > max_queue_bytes:
@@ -247,6 +274,9 @@ class ShadowSync:
             await self.refresh()
             while True:
                 self._wake.clear()
+                if self._resync:
+                    self._resync = False
+                    await self.refresh()
                 await self._apply_delta()
                 await self._flush()
                 if not self._wake.is_set():
@@ -265,17 +295,14 @@ class ShadowSync:
         change nothing the service will hold.
 
         Raises ReportQueueFull, queue unchanged, if the queue would outgrow
-        ``max_queue_bytes``: the caller keeps the report or reports again later."""
-        changes = self.tracker.report_changes(patch, self.queue)
-        if not changes:
+        ``max_queue_bytes``: the caller keeps the report or reports again later. Raises
+        QueueNotSaved if the state folder refuses the write: queued in memory only."""
+        if not self._enqueue(patch):
             return False
         try:
-            self.queue.add(changes, self.max_queue_bytes)
-        except ReportQueueFull as exc:
-            raise ReportQueueFull(exc.size, exc.limit, self.name) from None
-        self._drained.clear()
-        await self._save()
-        self._wake.set()
+            await self._save()
+        finally:
+            self._wake.set()
         return True
 
     async def wait_sent(self, timeout: float) -> bool:
@@ -291,7 +318,12 @@ class ShadowSync:
 
     async def refresh(self) -> Document | None:
         """get: the service's document, applied to the tracker (None: no shadow yet)."""
-        outcome = await self._request("get", {"clientToken": new_client_token()})
+        token = new_client_token()
+        self._gets[token] = self.tracker.version
+        try:
+            outcome = await self._request("get", {"clientToken": token})
+        finally:
+            self._gets.pop(token, None)
         if isinstance(outcome, Rejection):
             if outcome.code == 404:
                 self.tracker.on_get_missing()
@@ -309,18 +341,45 @@ class ShadowSync:
         await self._flush()
 
     def retry_failed(self) -> None:
-        """Give handlers that failed another go (called on the report tick)."""
-        if any(k not in self.tracker.attempted for k in self.tracker.delta):
+        """Give handlers that failed or were interrupted another go, and the queue if a write
+        error left it behind (called on the report tick)."""
+        if self.queue or any(k not in self.tracker.attempted for k in self.tracker.delta):
             self._wake.set()
 
     # ------------------------------------------------------------ internals
 
+    def _enqueue(self, patch: Mapping[str, Any]) -> bool:
+        """Add what ``patch`` changes to the queue, in memory; False if it changes nothing."""
+        changes = self.tracker.report_changes(patch, self.queue)
+        if not changes:
+            return False
+        try:
+            self.queue.add(changes, self.max_queue_bytes)
+        except ReportQueueFull as exc:
+            raise ReportQueueFull(exc.size, exc.limit, self.name) from None
+        self._drained.clear()
+        return True
+
+    def _not_saved(self, exc: OSError) -> QueueNotSaved:
+        return QueueNotSaved(getattr(self.store, "path", f"of shadow {self.name}"), exc)
+
     async def _save(self) -> None:
-        if self._store_in_executor:
-            snapshot = ReportQueue([dict(p) for p in self.queue.patches])
-            await asyncio.get_running_loop().run_in_executor(None, self.store.save, snapshot)
-        else:
-            self.store.save(self.queue)
+        """Raises QueueNotSaved."""
+        try:
+            if self._store_in_executor:
+                snapshot = ReportQueue([dict(p) for p in self.queue.patches])
+                await asyncio.get_running_loop().run_in_executor(None, self.store.save, snapshot)
+            else:
+                self.store.save(self.queue)
+        except OSError as exc:
+            raise self._not_saved(exc) from None
+
+    async def _save_or_log(self) -> None:
+        """For the sync itself: a disk that refuses the write must not end the connection."""
+        try:
+            await self._save()
+        except QueueNotSaved as exc:
+            log.warning("shadow %s: %s; trying again on the next save", self.name, exc)
 
     async def _request(
         self, operation: wire.ShadowOperation, document: Document
@@ -348,7 +407,30 @@ class ShadowSync:
         fresh = self.tracker.to_apply(self.tracker.delta)
         if not fresh:
             return
-        applied = await self.handlers.apply(self.thing, self.shadow, fresh, self.tracker.desired)
+        steps: list[Step] = []
+        try:
+            async for step in self.handlers.steps(
+                self.thing, self.shadow, fresh, self.tracker.desired
+            ):
+                steps.append(step)
+        except BaseException:
+            # Interrupted (the connection ended, the agent stops): a handler that had not
+            # returned was not attempted, so the next connection hands its keys over again;
+            # what the finished ones reached is queued now, on disk before we go.
+            finished = {key for step in steps for key in step.keys}
+            self.tracker.forget_attempts([key for key in fresh if key not in finished])
+            if self._settle(fresh, Applied.of(steps)):
+                try:
+                    self.store.save(self.queue)
+                except OSError as exc:
+                    log.warning("shadow %s: %s", self.name, self._not_saved(exc))
+            raise
+        if self._settle(fresh, Applied.of(steps)):
+            await self._save_or_log()
+            self._wake.set()
+
+    def _settle(self, fresh: Mapping[str, Any], applied: Applied) -> bool:
+        """Record what the handlers did with ``fresh``; True if their report was queued."""
         self.tracker.forget_attempts(applied.failed)
         new = applied.unhandled - self._unhandled_logged
         if new:
@@ -358,18 +440,20 @@ class ShadowSync:
                 self.name,
                 ", ".join(sorted(new)),
             )
-        if applied.reported:
-            try:
-                await self.report(applied.reported)
-            except ReportQueueFull as exc:
-                # Not lost: the handlers run again (as after a failure) once there is room.
-                self.tracker.forget_attempts(fresh)
-                log.warning("shadow %s: handlers' report not queued: %s", self.name, exc)
-                if self.queue:
-                    self._wake.set()  # serve sends the queue first, then re-runs them
+        if not applied.reported:
+            return False
+        try:
+            return self._enqueue(applied.reported)
+        except ReportQueueFull as exc:
+            # Not lost: the handlers run again (as after a failure) once there is room.
+            self.tracker.forget_attempts(fresh)
+            log.warning("shadow %s: handlers' report not queued: %s", self.name, exc)
+            if self.queue:
+                self._wake.set()  # serve sends the queue first, then re-runs them
+            return False
 
     async def _flush(self) -> None:
-        failures = 0
+        failures = conflicts = 0
         while self.queue:
             head = self.queue.head()
             assert head is not None
@@ -383,14 +467,22 @@ class ShadowSync:
                 self.queue.pop_head()
                 self.reached = merge(self.reached, head)
                 self.last_sync = time.time()
-                failures = 0
-                await self._save()
+                failures = conflicts = 0
+                await self._save_or_log()
                 continue
             self.queue.head_sealed = False
             if outcome.code == 409:
+                conflicts += 1
+                # One conflict is someone else's update, resolved by the get. More in a row
+                # mean our view does not converge (a busy writer, a service that lost data):
+                # back off rather than spin.
+                delay = self.retry.backoff(conflicts - 1) if conflicts > 1 else 0.0
                 log.info(
-                    "shadow %s: version conflict; getting the document and retrying", self.name
+                    "shadow %s: version conflict; getting the document and retrying%s",
+                    self.name,
+                    f" in {delay:.1f} s" if delay else "",
                 )
+                await asyncio.sleep(delay)
                 await self.refresh()
                 await self._apply_delta()
                 continue
@@ -412,10 +504,23 @@ class ShadowSync:
                 outcome.code,
                 outcome.message,
             )
-            await asyncio.get_running_loop().run_in_executor(None, self.store.park, head, outcome)
+            try:
+                await asyncio.get_running_loop().run_in_executor(
+                    None, self.store.park, head, outcome
+                )
+            except OSError as exc:
+                where = getattr(self.store, "rejected_path", "the rejected file")
+                log.error(
+                    "shadow %s: cannot keep the rejected report in %s (%s); it stays queued, "
+                    "tried again on the next report tick",
+                    self.name,
+                    where,
+                    exc.strerror or exc,
+                )
+                return
             self.rejections.append(outcome)
             self.queue.pop_head()
-            await self._save()
+            await self._save_or_log()
         self._drained.set()
 
     # ------------------------------------------------------------- messages
@@ -432,14 +537,29 @@ class ShadowSync:
 
         return on_message
 
-    def _resolve(self, document: object, outcome: Document | Rejection) -> None:
+    def _waiting(self, document: object) -> asyncio.Future[Document | Rejection] | None:
+        """Our own request's future, if ``document`` answers one still waiting."""
         token = document.get("clientToken") if isinstance(document, dict) else None
         future = self._pending.get(token) if isinstance(token, str) else None
-        if future is not None and not future.done():
+        return future if future is not None and not future.done() else None
+
+    def _resolve(self, document: object, outcome: Document | Rejection) -> None:
+        future = self._waiting(document)
+        if future is not None:
             future.set_result(outcome)
 
     def _on_get_accepted(self, document: object) -> None:
-        self.tracker.on_get_accepted(document)
+        # Our own get, and nothing newer came in while it was on its way: this is the
+        # service's document now, whatever its version.
+        token = document.get("clientToken") if isinstance(document, dict) else None
+        current = (
+            self._waiting(document) is not None
+            and token in self._gets
+            and self._gets[token] == self.tracker.version
+        )
+        self.tracker.on_get_accepted(document, current=current)
+        if current:
+            self._resync = False
         self._resolve(document, document)  # type: ignore[arg-type]
         self._wake.set()
 
@@ -451,8 +571,11 @@ class ShadowSync:
         self._resolve(document, Rejection.parse(document))
 
     def _on_delta(self, document: object) -> None:
-        if self.tracker.on_delta(document) is not None:
-            self._wake.set()
+        if self.tracker.on_delta(document) is None:
+            # Older than what we hold: delivered late, or the service's versions went back
+            # and every delta will look like this. Only a get tells which.
+            self._resync = True
+        self._wake.set()
 
     def _on_deleted(self, document: object) -> None:
         self.tracker.on_deleted(document)

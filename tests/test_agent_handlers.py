@@ -18,7 +18,14 @@ from typing import Any, TypeVar
 
 import pytest
 
-from agent.handlers import Applied, CommandHandler, DesiredChange, HandlerFailed, HandlerSet
+from agent.handlers import (
+    Applied,
+    CommandHandler,
+    DesiredChange,
+    HandlerFailed,
+    HandlerSet,
+    Step,
+)
 from agent.reporters import device_facts, device_reporter
 
 T = TypeVar("T")
@@ -224,6 +231,58 @@ def test_unhandled_echo() -> None:
     assert applied.unhandled == frozenset()
     assert applied.reported == {"a": 1, "x": 2, "y": {"z": 3}}
     assert apply(HandlerSet(unhandled="echo"), {"k": [1]}).reported == {"k": [1]}
+
+
+def test_steps_give_each_outcome_as_its_handler_returns() -> None:
+    """One step per handler in the order apply runs them, the keys nobody handles last."""
+    handlers = HandlerSet()
+    handlers.register(Recorder({"led": "on"}), keys=["led"])
+    handlers.register(Recorder(None), keys=["fan"])
+    handlers.register(Recorder([1]), keys=["bad"])
+
+    async def main() -> list[Step]:
+        delta = {"led": "on", "fan": 2, "bad": 1, "x": 0}
+        return [step async for step in handlers.steps("thing-1", None, delta, delta)]
+
+    assert run(main) == [
+        Step(frozenset({"led"}), {"led": "on"}),
+        Step(frozenset({"fan"}), {}),
+        Step(frozenset({"bad"}), {}, failed=True),
+        Step(frozenset({"x"}), {}, unhandled=True),
+    ]
+
+
+def test_steps_interrupted_keep_what_finished() -> None:
+    """Cancelled while a handler runs (the connection ended): the steps before it are known,
+    the interrupted handler's keys are in none of them (F1)."""
+    started = asyncio.Event()
+
+    async def stuck(change: DesiredChange) -> dict[str, Any]:
+        started.set()
+        await asyncio.Event().wait()
+        return {}
+
+    handlers = HandlerSet()
+    handlers.register(Recorder({"led": "on"}), keys=["led"])
+    handlers.register(stuck, keys=["fan"])
+    handlers.register(Recorder({"door": "shut"}), keys=["door"])
+    seen: list[Step] = []
+
+    async def main() -> None:
+        async def consume() -> None:
+            delta = {"led": "on", "fan": 2, "door": "shut"}
+            async for step in handlers.steps("thing-1", None, delta, delta):
+                seen.append(step)
+
+        task = asyncio.create_task(consume())
+        await started.wait()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    run(main)
+    assert seen == [Step(frozenset({"led"}), {"led": "on"})]
+    assert Applied.of(seen) == Applied({"led": "on"}, frozenset(), frozenset())
 
 
 # ------------------------------------------------------------------ CommandHandler

@@ -657,6 +657,24 @@ def test_tracker_stale_get_accepted_ignored() -> None:
     assert tracker.reported == {"a": 1}
 
 
+def test_tracker_own_get_is_current_even_at_a_lower_version() -> None:
+    """F2: the reply to our own get is the service's document now. After its versions went
+    back (a registry restored from a backup) the device takes it, and locks on its version;
+    anything else at a lower version is still stale."""
+    tracker = ShadowTracker()
+    tracker.on_get_accepted(get_doc(9, desired={"seq": 4}, reported={"seq": 4}))
+    assert tracker.on_get_accepted(get_doc(3, desired={"seq": 5}, delta={"seq": 5})) == {}
+    assert tracker.version == 9
+    delta = tracker.on_get_accepted(
+        get_doc(3, desired={"seq": 5}, reported={"seq": 1}, delta={"seq": 5}), current=True
+    )
+    assert delta == {"seq": 5}
+    assert (tracker.version, tracker.lock_version()) == (3, 3)
+    assert (tracker.desired, tracker.reported) == ({"seq": 5}, {"seq": 1})
+    assert tracker.on_delta({"state": {"seq": 6}, "version": 4}) == {"seq": 6}
+    assert tracker.on_delta({"state": {"seq": 0}, "version": 2}) is None
+
+
 def test_tracker_equal_version_accepted() -> None:
     """The same version is not stale (get after a delta of that version, say)."""
     tracker = ShadowTracker()

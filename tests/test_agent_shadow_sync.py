@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -20,7 +21,7 @@ import pytest
 from agent import wire
 from agent.handlers import DesiredChange, HandlerSet
 from agent.session import Session, connect
-from agent.shadow import Rejection, ReportQueue
+from agent.shadow import Document, Rejection, ReportQueue, ShadowTracker
 from agent.shadow_sync import (
     MAX_QUEUE_BYTES,
     FileQueueStore,
@@ -112,17 +113,29 @@ async def syncing(
         timeout=5,
         max_queue_bytes=max_queue_bytes,
     )
-    session = session or await device_session(fleet, thing)
+    await connected(fleet, sync, body, session)
+    return sync
+
+
+async def connected(
+    fleet: Fleet,
+    sync: ShadowSync,
+    body: Callable[[ShadowSync], Awaitable[None]],
+    session: Session | None = None,
+) -> None:
+    """Run ``body`` while ``sync`` serves over one connection; then end it as the runtime
+    does when a connection ends: cancel the sync, disconnect."""
+    session = session or await device_session(fleet, sync.thing)
     sync.attach(session)
     await session.subscribe(*sync.subscriptions())
     serving = asyncio.create_task(sync.serve(session))
     try:
         await body(sync)
+        assert not serving.done(), "the sync ended on its own"
     finally:
         serving.cancel()
         await asyncio.gather(serving, return_exceptions=True)
         await session.disconnect()
-    return sync
 
 
 def led_handlers(calls: list[DesiredChange]) -> HandlerSet:
@@ -485,3 +498,218 @@ def test_named_shadow_sync_is_separate(fleet: Fleet, operator: Client) -> None:
     asyncio.run(main())
     assert calls[0].shadow == "lights"
     assert stored(fleet, "sync-named") is None  # the classic shadow was never touched
+
+
+# ------------------------------------------------------------- faults (review 2026-12)
+
+
+def test_a_handler_cut_off_by_the_end_of_the_connection_runs_again_on_the_next(
+    fleet: Fleet, operator: Client
+) -> None:
+    """F1: the connection ends while the handler runs (the runtime cancels the sync): that
+    was no attempt. The next connection hands the delta over again and reports the result."""
+    calls: list[Document] = []
+    handlers = HandlerSet()
+
+    async def slow_led(change: DesiredChange) -> dict[str, Any]:
+        calls.append(change.delta)
+        if len(calls) == 1:
+            await asyncio.Event().wait()  # still running when the connection ends
+        return {"led": change.delta["led"]}
+
+    handlers.register(slow_led, keys=["led"])
+    fleet.device("sync-cut")
+    desire(operator, "sync-cut", {"led": "amber"})
+    sync = ShadowSync("sync-cut", None, handlers, MemoryQueueStore(), timeout=5)
+
+    async def cut(sync: ShadowSync) -> None:
+        await eventually(lambda: len(calls) == 1)
+
+    async def reconnected(sync: ShadowSync) -> None:
+        await eventually(lambda: state_of(fleet, "sync-cut", "reported") == {"led": "amber"})
+
+    async def main() -> None:
+        await connected(fleet, sync, cut)
+        assert "led" not in sync.tracker.attempted
+        await connected(fleet, sync, reconnected)
+
+    asyncio.run(main())
+    assert calls == [{"led": "amber"}, {"led": "amber"}]
+
+
+def test_what_finished_handlers_reached_before_the_connection_ended_is_reported(
+    fleet: Fleet, operator: Client
+) -> None:
+    """F1: of two handlers, the first returned before the connection ended: its result is
+    queued (on disk) at once and reported; only the interrupted one runs again."""
+    led_calls: list[DesiredChange] = []
+    fan_calls: list[Document] = []
+    handlers = led_handlers(led_calls)
+
+    async def slow_fan(change: DesiredChange) -> dict[str, Any]:
+        fan_calls.append(change.delta)
+        if len(fan_calls) == 1:
+            await asyncio.Event().wait()
+        return {"fan": change.delta["fan"]}
+
+    handlers.register(slow_fan, keys=["fan"])
+    fleet.device("sync-half")
+    desire(operator, "sync-half", {"led": "red", "fan": 3})
+    store = MemoryQueueStore()
+    sync = ShadowSync("sync-half", None, handlers, store, timeout=5)
+
+    async def cut(sync: ShadowSync) -> None:
+        await eventually(lambda: len(fan_calls) == 1)
+
+    async def reconnected(sync: ShadowSync) -> None:
+        await eventually(
+            lambda: state_of(fleet, "sync-half", "reported") == {"led": "red", "fan": 3}
+        )
+
+    async def main() -> None:
+        await connected(fleet, sync, cut)
+        assert store.saved.patches == [{"led": "red"}]
+        await connected(fleet, sync, reconnected)
+
+    asyncio.run(main())
+    assert [c.delta for c in led_calls] == [{"led": "red"}]
+    assert fan_calls == [{"fan": 3}, {"fan": 3}]
+
+
+def test_the_get_on_connect_is_the_truth_even_at_a_lower_version(
+    fleet: Fleet, operator: Client
+) -> None:
+    """F2: the device saw version 1000 before the service's versions went back (a registry
+    restored from a backup): the get on connect still applies, and the version follows."""
+    calls: list[DesiredChange] = []
+    fleet.device("sync-back-get")
+    desire(operator, "sync-back-get", {"led": "violet"})
+    sync = ShadowSync("sync-back-get", None, led_handlers(calls), MemoryQueueStore(), timeout=5)
+    sync.tracker.version, sync.tracker.exists = 1000, True
+
+    async def body(sync: ShadowSync) -> None:
+        await eventually(lambda: state_of(fleet, "sync-back-get", "reported") == {"led": "violet"})
+
+    asyncio.run(connected(fleet, sync, body))
+    assert [c.delta for c in calls] == [{"led": "violet"}]
+    assert sync.tracker.version == (stored(fleet, "sync-back-get") or {})["version"]
+
+
+def test_after_the_versions_went_back_a_report_goes_through_after_one_conflict(
+    fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    """F2: update with our (too high) version -> 409 -> get (lower version, taken) -> update
+    accepted. Before, the get was dropped as stale and the update -> 409 loop never ended."""
+    caplog.set_level(logging.INFO, logger="fleet.agent.shadow")
+
+    async def body(sync: ShadowSync) -> None:
+        await sync.report({"a": 1})
+        assert await sync.wait_sent(5)
+        assert sync.tracker.version is not None
+        sync.tracker.version += 50  # as if the service had lost its last 50 versions
+        caplog.clear()
+        await sync.report({"b": 2})
+        assert await sync.wait_sent(5)
+
+    sync = asyncio.run(syncing(fleet, "sync-back-409", HandlerSet(), body))
+    assert state_of(fleet, "sync-back-409", "reported") == {"a": 1, "b": 2}
+    assert caplog.text.count("version conflict") == 1
+    assert sync.tracker.version == (stored(fleet, "sync-back-409") or {})["version"]
+
+
+def test_after_the_versions_went_back_a_new_desired_value_is_applied(
+    fleet: Fleet, operator: Client
+) -> None:
+    """F2, connected all along (the services restored, the broker not restarted): a delta
+    older than what we hold asks for a get, whose document is taken."""
+    calls: list[DesiredChange] = []
+
+    async def body(sync: ShadowSync) -> None:
+        await sync.report({"boot": 1})
+        assert await sync.wait_sent(5)
+        assert sync.tracker.version is not None
+        sync.tracker.version += 50
+        desire(operator, "sync-back-delta", {"led": "teal"})
+        await eventually(
+            lambda: state_of(fleet, "sync-back-delta", "reported").get("led") == "teal"
+        )
+
+    asyncio.run(syncing(fleet, "sync-back-delta", led_handlers(calls), body))
+    assert [c.delta for c in calls] == [{"led": "teal"}]
+
+
+class DeafTracker(ShadowTracker):
+    """Never takes a get: a view of the shadow that cannot converge."""
+
+    def on_get_accepted(self, document: object, *, current: bool = False) -> Document:
+        return {}
+
+
+def test_conflicts_in_a_row_back_off(fleet: Fleet, caplog: pytest.LogCaptureFixture) -> None:
+    """F2: when 409s keep coming, the retries slow down (jittered, exponential, bounded)
+    instead of hundreds of update -> 409 -> get rounds a second."""
+    caplog.set_level(logging.INFO, logger="fleet.agent.shadow")
+
+    async def body(sync: ShadowSync) -> None:
+        await sync.report({"a": 1})
+        assert await sync.wait_sent(5)
+        assert sync.tracker.version is not None
+        stuck = DeafTracker(version=sync.tracker.version + 50, exists=True)
+        stuck.reported = dict(sync.tracker.reported)
+        sync.tracker = stuck
+        caplog.clear()
+        await sync.report({"b": 2})
+        assert not await sync.wait_sent(3)
+
+    asyncio.run(syncing(fleet, "sync-409-loop", HandlerSet(), body))
+    conflicts = caplog.text.count("version conflict")
+    assert 2 <= conflicts <= 12, conflicts
+
+
+def test_a_state_folder_that_refuses_the_queue_is_named_and_loses_nothing(
+    tmp_path: Path,
+) -> None:
+    """F4: the write fails (a file where the folder should be: refused even for root). The
+    error names the queue file and the cause; the report stays queued in memory, and the next
+    save that works writes it."""
+    folder = tmp_path / "shadows"
+    sync = ShadowSync("t", None, HandlerSet(), FileQueueStore(folder, None))
+    folder.write_text("")
+
+    async def main() -> None:
+        with pytest.raises(OSError) as refused:
+            await sync.report({"a": 1})
+        assert str(refused.value) == (
+            f"cannot write the report queue {folder / 'classic.pending.json'}: "
+            f"File exists: {folder}"
+        )
+        folder.unlink()
+        assert await sync.report({"b": 2})
+
+    asyncio.run(main())
+    assert json.loads((folder / "classic.pending.json").read_text())["patches"] == [
+        {"a": 1, "b": 2}
+    ]
+
+
+def test_a_write_error_in_the_state_folder_does_not_end_the_sync(fleet: Fleet) -> None:
+    """F4: reports are still sent while the folder refuses writes, and the sync goes on."""
+    folder = make_workdir() / "shadows"
+    store = FileQueueStore(folder, None)
+    aside = folder.with_name("aside")
+
+    async def body(sync: ShadowSync) -> None:
+        assert await sync.report({"a": 1})
+        assert await sync.wait_sent(5)
+        folder.rename(aside)
+        folder.write_text("")  # no folder any more: every save fails
+        with pytest.raises(OSError):
+            await sync.report({"b": 2})
+        assert await sync.wait_sent(5)  # sent all the same
+        await asyncio.sleep(0.2)
+        folder.unlink()
+        assert await sync.report({"c": 3})
+        assert await sync.wait_sent(5)
+
+    asyncio.run(syncing(fleet, "sync-disk", HandlerSet(), body, store))
+    assert state_of(fleet, "sync-disk", "reported") == {"a": 1, "b": 2, "c": 3}
