@@ -3,6 +3,11 @@
 ``Stack.start`` brings both up and proves the broker accepts a mutual-TLS connection;
 ``Stack.supervise`` keeps them running until asked to stop (restarting the services if they
 crash, stopping everything if the broker dies); ``Stack.stop`` leaves no process behind.
+
+Neither child outlives the process that holds the Stack, even one killed by SIGKILL
+(broker/children.py): the services get SIGTERM from the kernel when it dies; Mosquitto, which
+drops to its own user when started as root (and so loses that signal), has a Guard. Start
+the Stack, and restart the services, from the main thread.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent import wire
-from broker import bootstrap
+from broker import bootstrap, children
 from broker.config import BrokerConfig
 from broker.mosquitto import (
     BrokerError,
@@ -93,6 +98,7 @@ class Stack:
         self.files = RunFiles(config.run_dir)
         self.broker = MosquittoProcess(config, self.files)
         self.services: subprocess.Popen[bytes] | None = None
+        self._broker_guard: children.Guard | None = None
         self._stopping = threading.Event()
 
     # ------------------------------------------------------------------ start-up
@@ -112,6 +118,7 @@ class Stack:
         prepare_run_dir(self.config)
         self.broker.start()
         try:
+            self._broker_guard = children.Guard(self.broker.pid, str(self.files.conf))
             self.broker.wait_listening()
             self._probe()
             if self.with_services:
@@ -161,7 +168,12 @@ class Stack:
             command += ["--config", str(self.config_file)]
         with open(self.files.services_log, "ab") as log:
             self.services = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,  # a terminal's Ctrl-C reaches the supervisor only
+                preexec_fn=children.preexec(signal.SIGTERM),  # and it ends with us
             )
         deadline = time.monotonic() + SERVICES_READY_TIMEOUT
         while not self.files.services_ready.exists():
@@ -223,6 +235,9 @@ class Stack:
                 self.services.kill()
                 self.services.wait()
         self.broker.stop()
+        if self._broker_guard is not None:
+            self._broker_guard.disarm()
+            self._broker_guard = None
         self.files.services_ready.unlink(missing_ok=True)
         running = RunningState.read(self.files)
         if running and running.supervisor_pid == os.getpid():

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from broker import children
 from broker.config import ConfigError
 from broker.mosquitto import BrokerError
 from broker.mqtt import ConnectError
@@ -18,7 +19,13 @@ from simulator import locust_command
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fleet-sim", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="fleet-sim",
+        description=__doc__,
+        epilog="SIGTERM (kill, timeout, a CI cancel) stops every command as Ctrl-C does: what "
+        "it started is stopped, `run` still writes its report; the exit code is then 143. "
+        "Nothing it starts outlives it, even if it is killed (SIGKILL).",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = sub.add_parser(
         "demo", help="bring up a local fleet cloud, run a small fleet against it, report"
@@ -118,7 +125,9 @@ def cmd_run(args: object, console: Console) -> int:
     print_report(report, console)
     console.print(f"report: {out / 'report.json'}")
     complete = report["devices"]["onboarded"] == scenario.devices
-    return 0 if complete and not report["interrupted"] else 1
+    if report["interrupted"]:
+        return children.interrupted_exit_code(1)
+    return 0 if complete else 1
 
 
 def demo_problem(args: argparse.Namespace) -> str | None:
@@ -145,6 +154,7 @@ def demo_problem(args: argparse.Namespace) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    children.sigterm_like_ctrl_c()
     if args.command == "locust":
         return locust_command.run(args)
     console = Console()
@@ -152,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return cmd_run(args, console)
         except KeyboardInterrupt:
-            return 130
+            return children.interrupted_exit_code(130)
         except BrokenPipeError:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
@@ -179,13 +189,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fleet-sim: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        return 130
+        return children.interrupted_exit_code(130)
     try:
         print_report(report, console)
     except BrokenPipeError:  # the reader went away (`| head`): no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except KeyboardInterrupt:
-        return 130
+        return children.interrupted_exit_code(130)
     return 0 if report.passed else 1
 
 

@@ -188,6 +188,7 @@ def _interrupt_deferred() -> Iterator[None]:
 
     Stopping takes well under a second; a Ctrl-C in the middle of it would leave Mosquitto or
     the services running (they run in sessions of their own, out of the terminal's reach).
+    A SIGTERM is held too: fleet-sim makes it do what Ctrl-C does (broker/children.py).
     """
     if threading.current_thread() is not threading.main_thread():
         yield  # signals reach the main thread only: nothing to defer here

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import agent
 from agent import control
 from agent.keystore import Keystore, KeystoreError
+from broker import children
 from broker.mosquitto import last_lines
 from broker.pki import PkiPaths
 
@@ -98,6 +99,8 @@ class AgentProcess:
                 stderr=log,
                 env=env,
                 start_new_session=True,  # a terminal's Ctrl-C reaches the demo, which stops it
+                # SIGTERM, its clean stop, if the demo dies without stopping it (even SIGKILL)
+                preexec_fn=children.preexec(signal.SIGTERM),
             )
 
     def exit_code(self) -> int | None:

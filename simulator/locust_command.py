@@ -17,12 +17,15 @@ import argparse
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from broker import children
 
 LOCUSTFILE = Path(__file__).resolve().with_name("locustfile.py")
 #: Where the ``simulator`` package lives: the locustfile imports it by that name.
@@ -80,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
     except (BrokerError, ConfigError, PkiError) as exc:
         print(f"fleet-sim: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # while the broker side starts or stops (it is stopped)
+        return children.interrupted_exit_code(130)
 
 
 @contextlib.contextmanager
@@ -127,23 +132,34 @@ def show_help(arguments: Sequence[str]) -> int:
 
 
 def run_locust(arguments: Sequence[str]) -> int:
-    """Locust with the fleet's locustfile, to its end; its exit code."""
+    """Locust with the fleet's locustfile, to its end; its exit code (143 when we were stopped
+    by SIGTERM, which Locust gets too and stops on as it does on Ctrl-C)."""
     command = [*locust_command(), "-f", str(LOCUSTFILE), *arguments]
-    process = subprocess.Popen(command, env=_environment())
+    # In our process group, so a terminal's Ctrl-C reaches it (and its keyboard input works);
+    # SIGTERM from the kernel if we die without stopping it.
+    process = subprocess.Popen(
+        command, env=_environment(), preexec_fn=children.preexec(signal.SIGTERM)
+    )
     try:
         code = process.wait()
     except KeyboardInterrupt:  # Locust got the same Ctrl-C: let it stop and report
+        if children.stopped_by_sigterm():  # sent to us alone (kill PID): pass it on
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
         try:
             code = process.wait()
         except KeyboardInterrupt:
             process.kill()
             code = process.wait()
+    if children.stopped_by_sigterm():
+        return children.interrupted_exit_code(code)
     return 128 - code if code < 0 else code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fleet-sim")
     add_parser(parser.add_subparsers(dest="command", required=True))
+    children.sigterm_like_ctrl_c()
     return run(parser.parse_args(["locust", *(sys.argv[1:] if argv is None else argv)]))
 
 

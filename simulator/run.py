@@ -4,8 +4,9 @@ The parent process starts the local broker side when no endpoint is given, start
 processes (simulator/worker.py), plays the operator (desired-state changes, reading the
 broker's ``$SYS`` figures) and the clock (hold, reconnect storm, stop), merges what the
 workers measure, shows it live, and at the end writes ``report.json``, ``rates.png`` and
-``latency.png`` to the output folder and prints a table. Ctrl-C stops the fleet gracefully and
-still writes the report.
+``latency.png`` to the output folder and prints a table. Ctrl-C, or SIGTERM (``kill``,
+``timeout``, a CI cancel), stops the fleet gracefully and still writes the report; the worker
+processes die with this one even if it is killed.
 
 The local broker side's work folder (its throw-away PKI with the CA and claim keys, the
 registry, the broker's run folder) is a private temporary folder, never the output folder,
@@ -309,26 +310,43 @@ def run_fleet(scenario: Scenario, output: Path, console: Console) -> dict[str, A
             )
             for i in range(workers)
         ]
-        for process in processes:
-            process.start()
-        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        # Ctrl-C (and SIGTERM, which does what Ctrl-C does: simulator/cli.py) stops the fleet
+        # at the next tick of the clock; a second one abandons the graceful stop.
+        interrupt = _Interrupt()
+        previous = signal.signal(signal.SIGINT, interrupt.handler)
         try:
-            with Live(
-                _progress(scenario, state, "starting"), console=console, refresh_per_second=4
-            ) as live:
-                interrupted = _drive(
-                    scenario, state, lock, out, stop, storm, operator, live, processes
-                )
+            try:
+                for process in processes:
+                    process.start()
+                with Live(
+                    _progress(scenario, state, "starting"), console=console, refresh_per_second=4
+                ) as live:
+                    interrupted = _drive(
+                        scenario,
+                        state,
+                        lock,
+                        out,
+                        stop,
+                        storm,
+                        operator,
+                        live,
+                        processes,
+                        interrupt,
+                    )
+            finally:
+                stop.set()
+                _collect_until_done(state, lock, out, processes)
+                for process in processes:
+                    if process.pid is None:
+                        continue  # never started
+                    process.join(timeout=30)
+                    if process.is_alive():
+                        process.kill()
+                        process.join()
+                if operator is not None:
+                    operator.close()
         finally:
             signal.signal(signal.SIGINT, previous)
-            stop.set()
-            _collect_until_done(state, lock, out, processes)
-            for process in processes:
-                process.join(timeout=30)
-                if process.is_alive():
-                    process.kill()
-            if operator is not None:
-                operator.close()
     report = _report(scenario, state, started, interrupted, operator, workers)
     if ceiling is not None:
         report["ceiling"] = _ceiling(scenario, state, report["steps"])
@@ -337,13 +355,28 @@ def run_fleet(scenario: Scenario, output: Path, console: Console) -> dict[str, A
     return report
 
 
-def _drive(scenario, state, lock, out, stop, storm, operator, live, processes) -> bool:
+class _Interrupt:
+    """A SIGINT handler for the run: the first signal asks for a graceful stop (the fleet
+    disconnects, the report is written), a second one raises KeyboardInterrupt."""
+
+    def __init__(self) -> None:
+        self.requested = threading.Event()
+
+    def handler(self, _signum: int, _frame: object) -> None:
+        if self.requested.is_set():
+            raise KeyboardInterrupt
+        self.requested.set()
+
+
+def _drive(scenario, state, lock, out, stop, storm, operator, live, processes, interrupt) -> bool:
     """The run's clock: onboarding, hold, storm, stop. True if interrupted."""
     desired_every = 1 / scenario.desired_rate if scenario.desired_rate else None
     next_desired = time.time() + (desired_every or 0)
     hold_started: float | None = None
     try:
         while True:
+            if interrupt.requested.is_set():
+                return True
             _drain(state, lock, out, timeout=0.2)
             now = time.time()
             total = sum(state.onboarded.values()) + sum(state.failed.values())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import multiprocessing
 import os
 import random
 import resource
@@ -24,6 +25,7 @@ from typing import Any
 
 from agent import wire
 from agent.session import SessionError, tls_context
+from broker import children
 from simulator.ceiling import measure_connect_ceiling
 from simulator.metrics import Recorder
 from simulator.scenario import Scenario
@@ -48,8 +50,14 @@ class WorkerPlan:
 
 
 def worker_main(plan: WorkerPlan, out: Queue, stop: Event, storm: Event) -> None:
-    """Process entry point. Ctrl-C is the parent's to handle: it sets ``stop``."""
+    """Process entry point. Ctrl-C and SIGTERM are the parent's to handle (a terminal, a
+    ``timeout`` or a CI cancel signal the whole group): it sets ``stop``, and the devices
+    disconnect and their figures reach the report. Should the parent die, even by SIGKILL,
+    the kernel kills this process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    parent = multiprocessing.parent_process()
+    children.die_with_parent(signal.SIGKILL, parent.pid if parent is not None else None)
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
