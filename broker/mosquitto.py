@@ -231,7 +231,6 @@ def check_broker_can_reach(config: BrokerConfig) -> None:
 def prepare_run_dir(config: BrokerConfig) -> RunFiles:
     files = RunFiles(config.run_dir)
     user = broker_user()
-    check_broker_can_reach(config)
     try:
         files.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(files.dir, 0o750)

@@ -29,6 +29,7 @@ from broker.mosquitto import (
     BrokerError,
     MosquittoProcess,
     RunFiles,
+    check_broker_can_reach,
     check_port_free,
     find_mosquitto,
     last_lines,
@@ -115,6 +116,7 @@ class Stack:
             )
         check_port_free(self.config.bind_address, self.config.port)
         bootstrap.refresh_crl(self.pki.root)
+        check_broker_can_reach(self.config)
         prepare_run_dir(self.config)
         self.broker.start()
         try:

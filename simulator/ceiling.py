@@ -48,7 +48,7 @@ async def measure_connect_ceiling(
                     timeout=target.timeout,
                 )
             except SessionError as exc:
-                recorder.error(STEP, error_kind(exc))
+                recorder.error(STEP, error_kind(exc), message=str(exc))
                 await asyncio.sleep(0.1)  # a refusing broker is not a reason to spin
                 continue
             if time.time() <= until:  # only connects that finished inside the window count

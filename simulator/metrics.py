@@ -86,6 +86,8 @@ class Recorder:
         self._steps: dict[str, tuple[array[float], array[float]]] = {}
         # step -> kind -> offsets of the failures
         self._errors: dict[str, dict[str, array[float]]] = {}
+        # step -> kind -> the first message of that kind (what a reader needs to act on it)
+        self._error_messages: dict[str, dict[str, str]] = {}
         # gauge name -> whole second since start -> (offset, value) of the last sample in it
         self._gauges: dict[str, dict[int, tuple[float, float]]] = {}
 
@@ -99,9 +101,14 @@ class Recorder:
         offsets.append(self._offset(at))
         durations.append(round(seconds, 6))
 
-    def error(self, step: str, kind: str, at: float | None = None) -> None:
-        """A failure of `step`, of a short `kind` ('timeout', 'ResourceConflictsException')."""
+    def error(
+        self, step: str, kind: str, at: float | None = None, message: str | None = None
+    ) -> None:
+        """A failure of `step`, of a short `kind` ('timeout', 'ResourceConflictsException');
+        `message`, the error's own words, is kept for the first failure of each kind."""
         self._errors.setdefault(step, {}).setdefault(kind, array("d")).append(self._offset(at))
+        if message:
+            self._error_messages.setdefault(step, {}).setdefault(kind, message[:300])
 
     def gauge(self, name: str, value: float, at: float | None = None) -> None:
         """A sampled level (devices connected, a broker $SYS figure, a queue depth)."""
@@ -115,7 +122,9 @@ class Recorder:
         Shape: {"started": float,
                 "steps": {step: {"at": [offset_s, ...], "seconds": [duration_s, ...]}},
                 "errors": {step: {kind: [offset_s, ...]}},
+                "error_messages": {step: {kind: first message}},
                 "gauges": {name: {"at": [offset_s, ...], "value": [float, ...]}}}
+        A kind's message may come again in a later drain; `merge` keeps the first.
         """
         snapshot = {
             "started": self.started,
@@ -127,6 +136,7 @@ class Recorder:
                 step: {kind: offsets.tolist() for kind, offsets in kinds.items()}
                 for step, kinds in self._errors.items()
             },
+            "error_messages": {step: dict(kinds) for step, kinds in self._error_messages.items()},
             "gauges": {
                 name: {
                     "at": [offset for offset, _ in samples.values()],
@@ -136,6 +146,7 @@ class Recorder:
             },
         }
         self._steps, self._errors, self._gauges = {}, {}, {}
+        self._error_messages = {}
         return snapshot
 
     def merge(self, snapshot: dict[str, Any]) -> None:
@@ -157,6 +168,9 @@ class Recorder:
                 self._errors.setdefault(step, {}).setdefault(kind, array("d")).extend(
                     rebased(offsets)
                 )
+        for step, kinds in snapshot.get("error_messages", {}).items():
+            for kind, message in kinds.items():
+                self._error_messages.setdefault(step, {}).setdefault(kind, message)
         for name, samples in snapshot["gauges"].items():
             for offset, value in zip(rebased(samples["at"]), samples["value"], strict=True):
                 self._set_gauge(name, offset, value)
@@ -170,6 +184,7 @@ class Recorder:
                 "steps": {step: {"count", "rate_per_s", "mean_ms", "p50_ms", "p90_ms", "p99_ms",
                                  "max_ms"}},   # steps in the order first seen
                 "errors": {step: {kind: count}}, "errors_total": int,
+                "error_messages": {step: {kind: first message}},
                 "gauges": {name: {"last": float, "max": float}}}   # per 1-second bucket
 
         rate_per_s is (count - 1) / (last completion - first completion): completions evenly
@@ -192,6 +207,7 @@ class Recorder:
             "steps": steps,
             "errors": errors,
             "errors_total": sum(sum(kinds.values()) for kinds in errors.values()),
+            "error_messages": {step: dict(kinds) for step, kinds in self._error_messages.items()},
             "gauges": gauges,
         }
 

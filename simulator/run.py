@@ -60,6 +60,11 @@ SYS_TOPICS = {
     "$SYS/broker/load/messages/sent/1min": "broker_msgs_sent_per_min",
     "$SYS/broker/store/messages/count": "broker_stored_messages",
 }
+#: Cumulative $SYS counters, plotted as per-second rates (the 1min figures above lag).
+SYS_COUNTERS = {
+    "$SYS/broker/messages/received": "broker_msgs_received_per_s",
+    "$SYS/broker/messages/sent": "broker_msgs_sent_per_s",
+}
 LIVE_STEPS = ("onboarding", "shadow_update", "reconnect")
 #: Queue depths the services publish (broker.services.FleetServices.stats).
 SERVICE_DEPTHS = (
@@ -223,7 +228,8 @@ class Operator:
             client_id=wire.operator_client_id("sim-operator"),
         )
         self.client.on_message = self._on_message
-        for topic in (*SYS_TOPICS, wire.SERVICE_STATS_TOPIC):
+        self._counters: dict[str, tuple[float, float]] = {}  # name -> (time, value)
+        for topic in (*SYS_TOPICS, *SYS_COUNTERS, wire.SERVICE_STATS_TOPIC):
             self.client.subscribe(topic, qos=0)
         self.desired_sent = 0
 
@@ -235,6 +241,16 @@ class Operator:
         try:
             value = float(message.payload)
         except ValueError:
+            return
+        rate_name = SYS_COUNTERS.get(message.topic)
+        if rate_name:
+            now = time.time()
+            before = self._counters.get(rate_name)
+            self._counters[rate_name] = (now, value)
+            if before is not None and now > before[0] and value >= before[1]:
+                with self.lock:
+                    rate = (value - before[1]) / (now - before[0])
+                    self.state.recorder.gauge(rate_name, round(rate, 1))
             return
         if name:
             with self.lock:
@@ -351,8 +367,22 @@ def run_fleet(scenario: Scenario, output: Path, console: Console) -> dict[str, A
     if ceiling is not None:
         report["ceiling"] = _ceiling(scenario, state, report["steps"])
     (output / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    report["plots"] = [str(p) for p in write_plots(state.recorder.timeline(), output, "fleet-sim")]
+    title = f"fleet-sim: {scenario.devices} devices at {scenario.rate:g}/s"
+    written = write_plots(state.recorder.timeline(), output, title, _phases(state))
+    report["plots"] = [str(p) for p in written]
     return report
+
+
+def _phases(state: FleetState) -> list[tuple[str, float, float]]:
+    """Onboarding, hold and storm as offsets from the run's start, for the plots' bands."""
+    origin = state.recorder.started
+    end = time.time() - origin
+    hold = state.hold_started - origin if state.hold_started is not None else end
+    storm = state.storm_started - origin if state.storm_started is not None else None
+    phases = [("onboarding", 0.0, hold), ("hold", hold, storm if storm is not None else end)]
+    if storm is not None:
+        phases.append(("storm", storm, end))
+    return phases
 
 
 class _Interrupt:
@@ -464,6 +494,7 @@ def _report(scenario, state, started, interrupted, operator, workers) -> dict[st
         "steps_storm": _phase(state, state.storm_started, None),
         "errors": summary.get("errors", {}),
         "errors_total": summary.get("errors_total", 0),
+        "error_messages": summary.get("error_messages", {}),
         "broker": dict(state.broker),
         "services": dict(state.services),
         "desired_changes_sent": operator.desired_sent if operator else 0,
@@ -547,17 +578,20 @@ def print_report(report: dict[str, Any], console: Console) -> None:
             )
     if report["errors"]:
         errors = Table(title="errors")
-        for column in ("step", "kind", "count"):
+        for column in ("step", "kind", "count", "first message"):
             errors.add_column(column)
+        messages = report.get("error_messages", {})
         for step, kinds in report["errors"].items():
             for kind, count in kinds.items():
-                errors.add_row(step, kind, str(count))
+                errors.add_row(step, kind, str(count), messages.get(step, {}).get(kind, ""))
         console.print(errors)
     simulator = report["simulator"]
+    held = simulator["kb_per_connected_device"]
+    memory = f"{held} KB RSS per connected device" if held is not None else "no device connected"
+    broker = ", ".join(f"{k} {v:g}" for k, v in report["broker"].items())
     console.print(
-        f"simulator: {report['processes']} process(es), "
-        f"{simulator['kb_per_connected_device']} KB RSS per connected device; broker: "
-        + ", ".join(f"{k} {v:g}" for k, v in report["broker"].items())
+        f"simulator: {report['processes']} process(es), {memory}"
+        + (f"; broker: {broker}" if broker else "")
     )
     if report.get("services"):
         console.print(

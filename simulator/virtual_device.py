@@ -52,7 +52,9 @@ SENT_AT_KEY = "sim_sent_at"  # desired key the operator side stamps with its wal
 class Recorder(Protocol):
     def observe(self, step: str, seconds: float, at: float | None = None) -> None: ...
 
-    def error(self, step: str, kind: str, at: float | None = None) -> None: ...
+    def error(
+        self, step: str, kind: str, at: float | None = None, message: str | None = None
+    ) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -135,7 +137,7 @@ class VirtualDevice:
                 timings=timings,
             )
         except SessionError as exc:
-            self.recorder.error("connect", error_kind(exc))
+            self.recorder.error("connect", error_kind(exc), message=str(exc))
             raise
         for step, seconds in timings.items():
             self.recorder.observe(step, seconds)
@@ -170,7 +172,7 @@ class VirtualDevice:
             result = flow.receive(reply.topic, reply.payload)
             assert isinstance(result, ProvisioningResult)
         except (SessionError, ProvisioningRejected, ProtocolViolation) as exc:
-            self.recorder.error(step, error_kind(exc))
+            self.recorder.error(step, error_kind(exc), message=str(exc))
             raise
         finally:
             await claim.disconnect()
@@ -212,7 +214,7 @@ class VirtualDevice:
             await session.subscribe(*self.sync.subscriptions(), timeout=self.target.timeout)
             self.recorder.observe("suback", time.perf_counter() - began)
         except SessionError as exc:
-            self.recorder.error("suback", error_kind(exc))
+            self.recorder.error("suback", error_kind(exc), message=str(exc))
             session.abort()
             raise
         self.session = session
@@ -226,7 +228,7 @@ class VirtualDevice:
         except SessionError:
             pass
         except Exception as exc:  # a shadow rejection: counted, the device goes on
-            self.recorder.error("shadow_sync", error_kind(exc))
+            self.recorder.error("shadow_sync", error_kind(exc), message=str(exc))
 
     def _apply_desired(self, change: DesiredChange) -> dict[str, Any]:
         sent_at = change.delta.get(SENT_AT_KEY)
@@ -245,7 +247,7 @@ class VirtualDevice:
             await self.sync.report(patch)
             sent = await self.sync.wait_sent(self.target.timeout)
         except Exception as exc:
-            self.recorder.error("shadow_update", error_kind(exc))
+            self.recorder.error("shadow_update", error_kind(exc), message=str(exc))
             return
         if sent:
             self.recorder.observe("shadow_update", time.perf_counter() - started)

@@ -82,6 +82,7 @@ def test_empty_recorder() -> None:
         "steps": {},
         "errors": {},
         "errors_total": 0,
+        "error_messages": {},
         "gauges": {},
     }
     timeline = rec.timeline()
@@ -224,9 +225,16 @@ def test_drain_is_an_increment() -> None:
         "started": T0,
         "steps": {"connack": {"at": [2.0], "seconds": [0.012346]}},  # microseconds
         "errors": {"connack": {"timeout": [3.0]}},
+        "error_messages": {},
         "gauges": {"devices_connected@0": {"at": [3.0], "value": [1.0]}},
     }
-    assert rec.drain() == {"started": T0, "steps": {}, "errors": {}, "gauges": {}}
+    assert rec.drain() == {
+        "started": T0,
+        "steps": {},
+        "errors": {},
+        "error_messages": {},
+        "gauges": {},
+    }
     rec.observe("connack", 0.5, at=T0 + 4)
     assert rec.drain()["steps"] == {"connack": {"at": [4.0], "seconds": [0.5]}}
 
@@ -335,3 +343,17 @@ def test_plots_shade_phases_and_leave_out_gauges_that_never_moved(tmp_path: Path
     rec = Recorder(T0)
     rec.gauge("services_requests_waiting", 0, at=T0 + 1)
     assert write_plots(rec.timeline(), tmp_path / "flat") == []
+
+
+def test_the_first_message_of_each_error_kind_survives_drain_and_merge() -> None:
+    worker, parent = Recorder(T0), Recorder(T0)
+    worker.error("connect", "TLS failure", at=T0 + 1, message="self-signed certificate (check ca)")
+    worker.error("connect", "TLS failure", at=T0 + 2, message="a later one")
+    parent.merge(roundtrip(worker.drain()))
+    worker.error("connect", "TLS failure", at=T0 + 3, message="after the drain")
+    parent.merge(roundtrip(worker.drain()))
+    summary = parent.summary()
+    assert summary["errors"] == {"connect": {"TLS failure": 3}}
+    assert summary["error_messages"] == {
+        "connect": {"TLS failure": "self-signed certificate (check ca)"}
+    }
