@@ -183,6 +183,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         "endpoint": f"{state.host}:{state.port}",
         "services": "running" if pid_alive(state.services_pid) else "restarting",
         "services_pid": state.services_pid,
+        "services_restarts": state.services_restarts,
     }
     code = EXIT_OK
     try:
@@ -198,7 +199,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     uptime = report["uptime_seconds"]
     print(f"fleet-broker up since {uptime} s (supervisor pid {state.supervisor_pid})")
     print(f"  mosquitto  {report['mosquitto']} (pid {state.mosquitto_pid}) on {report['endpoint']}")
-    print(f"  services   {report['services']} (pid {state.services_pid})")
+    restarted = (
+        f", restarted {state.services_restarts} time(s)" if state.services_restarts else ""
+    )
+    print(f"  services   {report['services']} (pid {state.services_pid}{restarted})")
     if "error" in report:
         print(f"  clients    unknown ({report['error']})")
         return code

@@ -277,12 +277,23 @@ def _listening(port: int) -> bool:
     return False
 
 
-def last_lines(path: Path, count: int = 8) -> str:
+def last_lines(path: Path, count: int = 8, start: int = 0) -> str:
+    """The last ``count`` lines of a log, from byte ``start`` on (where this start began:
+    the log is appended to, and an earlier run's lines would hide this one's error)."""
     try:
-        lines = path.read_text(errors="replace").splitlines()
+        with path.open("rb") as log:
+            log.seek(start)
+            lines = log.read().decode(errors="replace").splitlines()
     except OSError:
         return ""
     return "\n".join(lines[-count:])
+
+
+def log_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 class MosquittoProcess:
@@ -292,9 +303,11 @@ class MosquittoProcess:
         self.config = config
         self.files = files
         self.process: subprocess.Popen[bytes] | None = None
+        self.log_start = 0  # where this start's lines begin in the (appended) log
 
     def start(self) -> None:
         binary = find_mosquitto()
+        self.log_start = log_size(self.files.log)
         # The log is opened here, so the user Mosquitto drops to need not write the folder.
         with open(self.files.log, "ab") as log:
             self.process = subprocess.Popen(
@@ -323,15 +336,15 @@ class MosquittoProcess:
         while time.monotonic() < deadline:
             if not self.alive():
                 raise BrokerError(
-                    "Mosquitto exited during start-up; its last log lines:\n"
-                    + last_lines(self.files.log)
+                    "Mosquitto exited during start-up; its log lines:\n"
+                    + last_lines(self.files.log, start=self.log_start)
                 )
             if _listening(self.config.port):
                 return
             time.sleep(0.05)
         raise BrokerError(
             f"Mosquitto did not listen on port {self.config.port} within {timeout:.0f} s; "
-            "its last log lines:\n" + last_lines(self.files.log)
+            "its log lines:\n" + last_lines(self.files.log, start=self.log_start)
         )
 
     def reload(self) -> None:

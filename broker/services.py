@@ -181,6 +181,9 @@ class FleetServices:
             log.exception("handler for %s failed", request.topic)
 
     def run(self) -> None:
+        # A ready file left by a killed earlier run would make a health check pass before
+        # this one has connected (docker compose's services check reads it).
+        self.files.services_ready.unlink(missing_ok=True)
         pki = PkiPaths(self.config.pki_dir)
         connection = ServiceConnection(
             self.config.connect_host,

@@ -33,6 +33,7 @@ from broker.mosquitto import (
     check_port_free,
     find_mosquitto,
     last_lines,
+    log_size,
     plugin_library,
     prepare_run_dir,
 )
@@ -53,6 +54,7 @@ class RunningState:
     host: str
     port: int
     started_at: float
+    services_restarts: int = 0
 
     @classmethod
     def read(cls, files: RunFiles) -> RunningState | None:
@@ -128,13 +130,19 @@ class Stack:
         except BaseException:
             self.stop()
             raise
+        self._started_at = time.time()
+        self._write_state(restarts=0)
+
+    def _write_state(self, *, restarts: int) -> None:
+        """For `status` and `down`; rewritten when the services are restarted (new pid)."""
         RunningState(
             supervisor_pid=os.getpid(),
             mosquitto_pid=self.broker.pid,
             services_pid=self.services.pid if self.services else 0,
             host=self.config.connect_host,
             port=self.config.port,
-            started_at=time.time(),
+            started_at=self._started_at,
+            services_restarts=restarts,
         ).write(self.files)
 
     def _probe(self) -> None:
@@ -155,6 +163,7 @@ class Stack:
 
     def _start_services(self) -> None:
         self.files.services_ready.unlink(missing_ok=True)
+        log_start = log_size(self.files.services_log)
         command = [
             sys.executable,
             "-m",
@@ -181,13 +190,13 @@ class Stack:
         while not self.files.services_ready.exists():
             if self.services.poll() is not None:
                 raise BrokerError(
-                    "the fleet services exited during start-up; their last log lines:\n"
-                    + last_lines(self.files.services_log)
+                    "the fleet services exited during start-up; their log lines:\n"
+                    + last_lines(self.files.services_log, start=log_start)
                 )
             if time.monotonic() > deadline:
                 raise BrokerError(
                     f"the fleet services were not ready within {SERVICES_READY_TIMEOUT:.0f} s; "
-                    "their last log lines:\n" + last_lines(self.files.services_log)
+                    "their log lines:\n" + last_lines(self.files.services_log, start=log_start)
                 )
             time.sleep(0.05)
 
@@ -199,6 +208,7 @@ class Stack:
     def supervise(self) -> int:
         """Run until request_stop(); 0 on a requested stop, 1 if the broker died."""
         restarts: list[float] = []
+        total_restarts = 0
         while not self._stopping.wait(0.5):
             if not self.broker.alive():
                 self._report(
@@ -222,6 +232,8 @@ class Stack:
                     self._start_services()
                 except BrokerError as exc:
                     self._report(str(exc))
+                total_restarts += 1
+                self._write_state(restarts=total_restarts)
         self.stop()
         return 0
 

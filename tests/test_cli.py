@@ -751,3 +751,20 @@ def test_watch_prints_shadow_changes_as_they_happen_and_stops_on_sigterm(certs: 
             watcher.send_signal(signal.SIGTERM)
             _, err = watcher.communicate(timeout=10)
         assert watcher.returncode == 0, err
+
+
+def test_status_follows_the_services_after_up_restarts_them(certs: Path) -> None:
+    with fleet_up(certs):
+        old = run_state(certs)["services_pid"]
+        os.kill(old, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            state = run_state(certs)
+            if state["services_pid"] != old and state.get("services_restarts") == 1:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("fleet-broker.json still names the dead services pid")
+        status = cli(certs, "status")
+        assert status.returncode == 0, status.stderr
+        assert f"running (pid {state['services_pid']}, restarted 1 time(s))" in status.stdout
