@@ -245,7 +245,12 @@ def _load(args: argparse.Namespace) -> tuple[AgentConfig, Keystore]:
         config = load_config(args.config, args.overrides, check_claim_files=False)
     except ConfigError as exc:
         raise Failure(str(exc), EXIT_USAGE) from None
-    logging.getLogger().setLevel(config.agent.log_level.upper())
+    level = config.agent.log_level
+    if args.command != "run" and level == "info":
+        # The daemon says what it does (connected as X, renewed, ...); a one-shot command
+        # says it in its own output, and its stderr stays one line per problem.
+        level = "warning"
+    logging.getLogger().setLevel(level.upper())
     return config, Keystore(config.agent.state_dir)
 
 
@@ -291,7 +296,7 @@ async def _onboard_until_done(
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
             continue
-        log.warning(
+        log.info(
             "provisioned thing %s (certificate %s…)",
             done.result.thing_name,
             done.result.certificate_id[:12],

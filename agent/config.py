@@ -70,7 +70,7 @@ class ProvisioningSection:
 @dataclass(frozen=True)
 class AgentSection:
     state_dir: Path = DEFAULT_STATE_DIR
-    log_level: str = "warning"
+    log_level: str = "info"  # a daemon says when it connects; debug for the wire
     keepalive: int = 60  # seconds; a dead link is noticed after 1.5 times this
     control_socket: Path | None = None  # None: <state_dir>/agent.sock
 
@@ -134,7 +134,7 @@ SCHEMA: Final[dict[str, dict[str, _Spec]]] = {
     },
     "agent": {
         "state_dir": ("path", False, str(DEFAULT_STATE_DIR)),
-        "log_level": ("str", False, "warning"),
+        "log_level": ("str", False, "info"),
         "keepalive": ("int", False, 60),
         "control_socket": ("path", False, ""),
     },

@@ -270,7 +270,7 @@ class Renewer:
         self.last_error = None
         self.last_renewed = self._clock()
         expires = self.certificate().not_valid_after_utc.isoformat()
-        log.warning(
+        log.info(
             "renewed the certificate of %s: now %s…, valid until %s",
             self.thing,
             provisioned.record.certificate_id[:12],

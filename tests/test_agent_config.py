@@ -73,7 +73,7 @@ def test_minimal_config_gets_the_defaults(folder: Path) -> None:
     assert config.provisioning.key_type == "ec-p256"
     assert config.provisioning.parameters == {}
     assert config.agent.state_dir == DEFAULT_STATE_DIR
-    assert config.agent.log_level == "warning"
+    assert config.agent.log_level == "info"
     assert config.renewal.enabled and config.renewal.share == 0.8
     assert config.shadow.queue_max_bytes == 65536
 

@@ -496,3 +496,17 @@ def test_under_systemd_the_agent_notifies_ready_and_feeds_the_watchdog(fleet: Fl
             while "STOPPING=1" not in stopping:
                 stopping += listener.recv(4096).decode().splitlines()
         assert "STOPPING=1" in stopping
+
+
+def test_run_says_at_its_default_level_that_it_is_connected(fleet: Fleet) -> None:
+    """At the default log level `run` once printed nothing after start: one could not tell
+    whether it was connected."""
+    config = agent_config(fleet, "SN-SAYS-CONNECTED")
+    daemon = start_agent_daemon(config)
+    try:
+        wait_until(lambda: (config.parent / "state" / "device.pem").exists(), what="onboarded")
+        time.sleep(1.0)
+    finally:
+        code, err = stop_daemon(daemon)
+    assert code == 0, err
+    assert f"connected to {fleet.config.connect_host}" in err and thing_of(config) in err
