@@ -686,7 +686,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     runtime = report.get("runtime")
     if isinstance(runtime, dict):
         since = runtime.get("connected_since")
-        state = f"{runtime.get('state')}" + (f" since {_ago(since)}" if since else "")
+        lasted = (
+            f" for {max(0, int(time.time() - since))} s" if isinstance(since, int | float) else ""
+        )
+        state = f"{runtime.get('state')}{lasted}"
         print(f"agent        running, {state}")
         if runtime.get("last_error"):
             print(f"last error   {runtime['last_error']}")

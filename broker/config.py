@@ -132,7 +132,10 @@ def _flatten(path: Path, document: dict[str, Any]) -> dict[str, Any]:
             bool_for_int = expected is not bool and isinstance(value, bool)
             if not isinstance(value, expected) or bool_for_int:
                 kind = "number" if isinstance(expected, tuple) else expected.__name__
-                raise ConfigError(f"{path}: {section}.{key} must be a {kind}, got {value!r}")
+                article = "an" if kind[0] in "aeiou" else "a"
+                raise ConfigError(
+                    f"{path}: {section}.{key} must be {article} {kind}, got {value!r}"
+                )
             values[attribute] = value
     return values
 
