@@ -137,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     config_commands = config.add_subparsers(dest="config_command", metavar="ACTION")
     config_commands.required = True
     _common(config_commands.add_parser("check", help="validate agent.toml and the state folder"))
+    cert = commands.add_parser(
+        "cert",
+        help="show the device certificate: thing, id, subject, issuer, validity, key",
+        description="Show the certificate the device holds (no secret: the key stays put).",
+    )
+    _common(cert)
+    cert.add_argument("--json", action="store_true", help="print one JSON object")
     connect = commands.add_parser(
         "connect",
         help="prove the provisioned identity works: connect as the thing once, and leave",
@@ -384,6 +391,32 @@ def _require_provisioned(config: AgentConfig, keystore: Keystore) -> Provisioned
             EXIT_USAGE,
         )
     return provisioned
+
+
+def cmd_cert(args: argparse.Namespace) -> int:
+    config, keystore = _load(args)
+    provisioned = _require_provisioned(config, keystore)
+    certificate = keystore.load_certificate()
+    key = certificate.public_key()
+    size = getattr(key, "key_size", None)
+    curve = getattr(getattr(key, "curve", None), "name", None)
+    report = {
+        "thing": provisioned.record.thing_name,
+        "certificate_id": provisioned.record.certificate_id,
+        "subject": certificate.subject.rfc4514_string(),
+        "issuer": certificate.issuer.rfc4514_string(),
+        "serial": format(certificate.serial_number, "x"),
+        "not_before": certificate.not_valid_before_utc.isoformat(),
+        "not_after": certificate.not_valid_after_utc.isoformat(),
+        "public_key": f"EC {curve}" if curve else f"RSA {size}",
+        "file": str(provisioned.cert_path),
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return EXIT_OK
+    for name, value in report.items():
+        print(f"{name.replace('_', ' '):<15} {value}")
+    return EXIT_OK
 
 
 def cmd_connect(args: argparse.Namespace) -> int:
@@ -732,6 +765,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "config": cmd_config_check,
         "renew": cmd_renew,
         "connect": cmd_connect,
+        "cert": cmd_cert,
     }
     try:
         return commands[args.command](args)

@@ -345,6 +345,17 @@ def test_connect_proves_the_provisioned_identity_and_names_a_refusal(fleet: Flee
     )
     assert proved.returncode == 0, proved.stderr
     assert "as thing generic-E2E-CONNECT" in proved.stdout and "subscribed" in proved.stdout
+    shown = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "cert", "--json", "--config", str(config)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    cert = json.loads(shown.stdout)
+    assert cert["thing"] == "generic-E2E-CONNECT" and cert["public_key"] == "EC secp256r1"
+    assert "PRIVATE" not in shown.stdout
     bootstrap.revoke(fleet.pki.root, "generic-E2E-CONNECT")
     refused = subprocess.run(
         [sys.executable, "-m", "agent.cli", "connect", "--config", str(config)],
