@@ -69,14 +69,20 @@ def _without_nulls(value: object) -> object:
 
 def merge(base: Mapping[str, Any] | None, patch: Mapping[str, Any]) -> Document:
     """``base`` after an update of ``patch``: objects merge recursively, ``null`` deletes a key,
-    anything else (arrays included) replaces. ``base`` is not modified."""
+    an object left empty is removed (as the service does: broker/shadow.py ``_merge``; a
+    differential test holds the two together), anything else (arrays included) replaces.
+    ``base`` is not modified."""
     result: Document = dict(base or {})
     for key, value in patch.items():
         if value is None:
             result.pop(key, None)
         elif isinstance(value, dict):
             current = result.get(key)
-            result[key] = merge(current if isinstance(current, dict) else None, value)
+            merged = merge(current if isinstance(current, dict) else None, value)
+            if merged:
+                result[key] = merged
+            else:
+                result.pop(key, None)
         else:
             result[key] = value
     return result
