@@ -392,3 +392,23 @@ def start_agent_daemon(
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def run_into_a_closed_pipe(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` with stdout a pipe whose reader is gone before the first byte, as
+    ``command | head`` or ``command | true`` leaves it."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run(
+            argv,
+            cwd=REPO,
+            env=AGENT_ENV,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)

@@ -16,7 +16,7 @@ from broker.pki import (
     write_private_key,
     write_public_file,
 )
-from tests.fleet import fleet_agent
+from tests.fleet import fleet_agent, run_into_a_closed_pipe
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "agent" / "agent.example.toml"
 
@@ -316,26 +316,11 @@ def test_config_and_set_are_taken_before_or_after_the_command() -> None:
 
 def test_output_piped_into_a_closed_reader_is_no_error(folder: Path) -> None:
     """`fleet-agent config check | true`: the reader is gone; no 'internal error', exit 0."""
-    import os
-    import subprocess
     import sys
 
-    from tests.fleet import AGENT_ENV, REPO
-
     config = write(folder, MINIMAL)
-    read_end, write_end = os.pipe()
-    os.close(read_end)
-    try:
-        result = subprocess.run(
-            [sys.executable, "-m", "agent.cli", "config", "check", "--config", str(config)],
-            cwd=REPO,
-            env=AGENT_ENV,
-            stdout=write_end,
-            stderr=subprocess.PIPE,
-            text=True,
-            check=False,
-        )
-    finally:
-        os.close(write_end)
+    result = run_into_a_closed_pipe(
+        [sys.executable, "-m", "agent.cli", "config", "check", "--config", str(config)]
+    )
     assert "internal error" not in result.stderr and "Traceback" not in result.stderr
     assert result.returncode == 0, result.stderr

@@ -24,7 +24,16 @@ from agent.onboarding import Cause, ClaimSettings, OnboardingFailed, onboard
 from agent.session import tls_context
 from broker import bootstrap
 from broker.registry import CertificateStatus
-from tests.fleet import REPO, Fleet, agent_config, free_port, make_workdir, run_agent, running_fleet
+from tests.fleet import (
+    REPO,
+    Fleet,
+    agent_config,
+    fleet_agent,
+    free_port,
+    make_workdir,
+    run_agent,
+    running_fleet,
+)
 
 # A certificate ownership token is secrets.token_urlsafe(32): 43 URL-safe characters. No
 # output line of the agent may hold a run that long.
@@ -320,14 +329,7 @@ def test_run_without_the_templates_parameters_stops_with_exit_2_naming_them(
     connection and a signed CSR every 5 s forever. Now it is a config error (exit 2, which
     the unit does not restart) that names the section to fill in."""
     config = agent_config(fleet, None)
-    result = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = fleet_agent("run", "--config", str(config))
     assert result.returncode == 2, result.stderr
     assert "InvalidParameters" in result.stderr and "[provisioning.parameters]" in result.stderr
 
@@ -335,35 +337,14 @@ def test_run_without_the_templates_parameters_stops_with_exit_2_naming_them(
 def test_connect_proves_the_provisioned_identity_and_names_a_refusal(fleet: Fleet) -> None:
     config = agent_config(fleet, "E2E-CONNECT")
     assert run_agent(config).returncode == 0
-    proved = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "connect", "--config", str(config)],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proved = fleet_agent("connect", "--config", str(config))
     assert proved.returncode == 0, proved.stderr
     assert "as thing generic-E2E-CONNECT" in proved.stdout and "subscribed" in proved.stdout
-    shown = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "cert", "--json", "--config", str(config)],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    shown = fleet_agent("cert", "--json", "--config", str(config))
     cert = json.loads(shown.stdout)
     assert cert["thing"] == "generic-E2E-CONNECT" and cert["public_key"] == "EC secp256r1"
     assert "PRIVATE" not in shown.stdout
     bootstrap.revoke(fleet.pki.root, "generic-E2E-CONNECT")
-    refused = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "connect", "--config", str(config)],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    refused = fleet_agent("connect", "--config", str(config))
     assert refused.returncode == 4, refused.stderr
     assert "refused thing generic-E2E-CONNECT's certificate" in refused.stderr

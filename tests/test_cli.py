@@ -44,7 +44,7 @@ from broker.pki import (
 )
 from broker.registry import CertificateRole, CertificateStatus
 from broker.stack import pid_alive
-from tests.fleet import free_port, make_workdir
+from tests.fleet import free_port, make_workdir, run_into_a_closed_pipe
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -614,20 +614,7 @@ def test_operator_shadow_commands(certs: Path) -> None:
 
 
 def test_output_piped_into_a_closed_reader_is_no_traceback(certs: Path) -> None:
-    read_end, write_end = os.pipe()
-    os.close(read_end)  # the reader is gone before the first byte (`fleet-broker ... | head`)
-    try:
-        result = subprocess.run(
-            command(certs, "templates"),
-            cwd=REPO,
-            env=ENV,
-            stdout=write_end,
-            stderr=subprocess.PIPE,
-            text=True,
-            check=False,
-        )
-    finally:
-        os.close(write_end)
+    result = run_into_a_closed_pipe(command(certs, "templates"))  # `fleet-broker ... | head`
     assert "Traceback" not in result.stderr, result.stderr
     assert result.returncode == 0
 
