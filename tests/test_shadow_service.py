@@ -12,8 +12,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
-from awscrt import mqtt_request_response
-from awsiot import V2ServiceException, iotshadow, mqtt5_client_builder
 
 from agent import wire
 from broker.identity import Sender
@@ -221,66 +219,8 @@ def test_the_services_connection_says_why_it_was_refused(fleet: Fleet) -> None:
         impostor.start()
 
 
-# ----------------------------------------------------------------- AWS SDK interoperability
-
-
-def test_aws_sdk_shadow_client_against_our_service(fleet: Fleet) -> None:
-    creds = fleet.device("sdk-thing")
-    connected = [False]
-    client = mqtt5_client_builder.mtls_from_path(
-        endpoint="localhost",
-        port=fleet.config.port,
-        ca_filepath=str(fleet.pki.ca_cert),
-        cert_filepath=str(creds.cert),
-        pri_key_filepath=str(creds.key),
-        client_id="sdk-thing",
-        enable_metrics_collection=False,
-        on_lifecycle_connection_success=lambda _e: connected.__setitem__(0, True),
-    )
-    client.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not connected[0] and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert connected[0]
-        shadow = iotshadow.IotShadowClientV2(
-            client, mqtt_request_response.ClientOptions(4, 2, operation_timeout_in_seconds=10)
-        )
-        with pytest.raises(V2ServiceException) as missing:
-            shadow.get_shadow(iotshadow.GetShadowRequest(thing_name="sdk-thing")).result(10)
-        assert missing.value.modeled_error.code == 404
-        deltas: list[iotshadow.ShadowDeltaUpdatedEvent] = []
-        stream = shadow.create_shadow_delta_updated_stream(
-            iotshadow.ShadowDeltaUpdatedSubscriptionRequest(thing_name="sdk-thing"),
-            _stream_options(deltas),
-        )
-        stream.open()
-        time.sleep(0.5)
-        updated = shadow.update_shadow(
-            iotshadow.UpdateShadowRequest(
-                thing_name="sdk-thing",
-                state=iotshadow.ShadowState(desired={"color": "red"}, reported={"color": "blue"}),
-            )
-        ).result(10)
-        assert updated.version == 1
-        got = shadow.get_shadow(iotshadow.GetShadowRequest(thing_name="sdk-thing")).result(10)
-        assert got.state.delta == {"color": "red"}
-        deadline = time.monotonic() + 5
-        while not deltas and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert deltas and deltas[0].state == {"color": "red"}
-        deleted = shadow.delete_shadow(
-            iotshadow.DeleteShadowRequest(thing_name="sdk-thing")
-        ).result(10)
-        assert deleted.version == 1
-    finally:
-        client.stop()
-
-
-def _stream_options(sink: list) -> object:
-    import awsiot
-
-    return awsiot.ServiceStreamOptions(incoming_event_listener=sink.append)
+# The AWS SDK's shadow client against this service: tests/awsiotsdk_cases.py, run in a
+# process of its own by tests/test_interop_awsiotsdk.py.
 
 
 # ------------------------------------------------------ batches, storage and replies (no broker)
