@@ -22,9 +22,11 @@ DOCUMENTS: Final = "documents"
 #: Last topic levels that only the service publishes.
 REPLY_SUFFIXES: Final = (ACCEPTED, REJECTED, DELTA, DOCUMENTS)
 
-THING_NAME_PATTERN: Final = re.compile(r"^[A-Za-z0-9:_-]{1,128}$")
-SHADOW_NAME_PATTERN: Final = re.compile(r"^[A-Za-z0-9:_-]{1,64}$")
-TEMPLATE_NAME_PATTERN: Final = re.compile(r"^[A-Za-z0-9_-]{1,36}$")
+#: AWS's name rules, the one copy in Python (the plugin's C has its own, tested against these).
+#: Use ``fullmatch``: ``match`` with ``$`` would let a trailing newline through.
+THING_NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9:_-]{1,128}")
+SHADOW_NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9:_-]{1,64}")
+TEMPLATE_NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9_-]{1,36}")
 
 # --------------------------------------------------------------------------- provisioning
 

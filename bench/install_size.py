@@ -43,8 +43,15 @@ def main() -> int:
     results: dict[str, dict[str, object]] = {}
     with tempfile.TemporaryDirectory(prefix="fleet-install-") as tmp:
         work = Path(tmp)
+        # From a copy of the committed tree: a build in the checkout leaves build/ behind.
+        source = work / "src"
+        source.mkdir()
+        archive = subprocess.run(
+            ["git", "-C", str(REPO), "archive", "HEAD"], check=True, capture_output=True
+        )
+        subprocess.run(["tar", "-x", "-C", str(source)], input=archive.stdout, check=True)
         subprocess.run(
-            [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(work), str(REPO)],
+            [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(work), str(source)],
             check=True,
         )
         wheel = next(work.glob("mqtt_fleet-*.whl"))

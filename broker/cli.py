@@ -199,9 +199,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     uptime = report["uptime_seconds"]
     print(f"fleet-broker up since {uptime} s (supervisor pid {state.supervisor_pid})")
     print(f"  mosquitto  {report['mosquitto']} (pid {state.mosquitto_pid}) on {report['endpoint']}")
-    restarted = (
-        f", restarted {state.services_restarts} time(s)" if state.services_restarts else ""
-    )
+    restarted = f", restarted {state.services_restarts} time(s)" if state.services_restarts else ""
     print(f"  services   {report['services']} (pid {state.services_pid}{restarted})")
     if "error" in report:
         print(f"  clients    unknown ({report['error']})")

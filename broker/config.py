@@ -169,7 +169,7 @@ def _validate(path: Path, config: BrokerConfig) -> None:
             f"{path}: limits.requests_per_second must be >= 0 (0: no quota), "
             "limits.request_burst >= 1 and limits.flood_disconnect >= 0 (0: never)"
         )
-    if wire.THING_NAME_PATTERN.match(config.services_client_id) is None:
+    if wire.THING_NAME_PATTERN.fullmatch(config.services_client_id) is None:
         raise ConfigError(
             f"{path}: services.client_id must be 1-128 characters of letters, digits, ':', '_', '-'"
         )

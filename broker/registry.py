@@ -32,6 +32,7 @@ from typing import Literal, Protocol
 
 from cryptography import x509
 
+from agent import wire
 from broker.pki import certificate_id, certificate_pem
 
 SCHEMA_VERSION = 3
@@ -106,7 +107,6 @@ CREATE TABLE IF NOT EXISTS audit_log (
 );
 """
 
-THING_NAME = re.compile(r"[a-zA-Z0-9:_-]{1,128}")
 # Schema 1 -> 2: the certificate a renewal replaces, and whether a registered certificate has
 # connected yet (until it has, the device may not have it: a crash may have lost its key).
 MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -298,7 +298,7 @@ class CertificateRecord:
 
 
 def validate_thing_name(name: str) -> str:
-    if not isinstance(name, str) or not THING_NAME.fullmatch(name):
+    if not isinstance(name, str) or not wire.THING_NAME_PATTERN.fullmatch(name):
         raise InvalidName(
             f"thing name {name!r} is invalid; use 1-128 characters from a-z A-Z 0-9 : _ -"
         )

@@ -49,6 +49,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent import wire
+
 JSONObject = dict[str, Any]
 
 DESIRED = "desired"
@@ -74,8 +76,6 @@ INTERNAL_FAILURE = "Internal service failure"
 _SECTION_NOT_OBJECT = {DESIRED: DESIRED_NOT_OBJECT, REPORTED: REPORTED_NOT_OBJECT}
 _STATE_KEYS = frozenset((DESIRED, REPORTED, "delta"))
 
-THING_NAME = re.compile(r"[a-zA-Z0-9:_-]{1,128}")
-SHADOW_NAME = re.compile(r"[a-zA-Z0-9:_-]{1,64}")
 _TOKEN_IN_TEXT = re.compile(r'"clientToken"\s*:\s*("(?:[^"\\]|\\.)*")')
 
 
@@ -242,14 +242,14 @@ def parse_request(
 
 
 def validate_thing_name(name: str) -> None:
-    if type(name) is not str or THING_NAME.fullmatch(name) is None:
+    if type(name) is not str or wire.THING_NAME_PATTERN.fullmatch(name) is None:
         raise ShadowError(
             400, f"Invalid thing name: {name!r}; 1-128 characters from a-z A-Z 0-9 : _ -"
         )
 
 
 def validate_shadow_name(name: str) -> None:
-    if type(name) is not str or SHADOW_NAME.fullmatch(name) is None:
+    if type(name) is not str or wire.SHADOW_NAME_PATTERN.fullmatch(name) is None:
         raise ShadowError(
             400, f"Invalid shadow name: {name!r}; 1-64 characters from a-z A-Z 0-9 : _ -"
         )

@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from agent import wire
 from broker.rejection import Rejection, invalid_parameters
 
 TEMPLATE_NAME_RE = re.compile(r"^[0-9A-Za-z_-]{1,36}$")
 MAX_TEMPLATE_BYTES = 10240
-THING_NAME_RE = re.compile(r"^[A-Za-z0-9:_-]{1,128}$")
 CERTIFICATE_ID_PARAMETER = "AWS::IoT::Certificate::Id"
 HOOK_SUFFIX = ".hook.json"
 
@@ -626,7 +626,7 @@ def _thing_plan(
     name = _optional_str(properties, "ThingName", where)
     if name is None:
         raise invalid_parameters(f"{where}.ThingName is required")
-    if not THING_NAME_RE.match(name):
+    if not wire.THING_NAME_PATTERN.fullmatch(name):
         raise invalid_parameters(
             f"ThingName must be 1-128 characters of A-Z a-z 0-9 : _ - "
             f"(the evaluated name has {len(name)} characters)"

@@ -129,7 +129,7 @@ def test_a_claim_cannot_take_an_operator_client_id(fleet: Fleet) -> None:
     # The attack registered DeviceModel "fleet", SerialNumber "revoke-1" to squat the id
     # `fleet-revoke-<pid>`; operator ids now have a character no thing name has.
     operator_id = wire.operator_client_id("revoke")
-    assert wire.THING_NAME_PATTERN.match(operator_id) is None
+    assert wire.THING_NAME_PATTERN.fullmatch(operator_id) is None
     assert code(fleet.client(fleet.claim, operator_id).connack) == NOT_AUTHORIZED
     onboard(fleet, "revoke-1")  # a thing may be called fleet-... as before; it blocks nothing
     operator = fleet.client(fleet.service, operator_id)

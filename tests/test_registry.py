@@ -26,6 +26,7 @@ from broker.registry import (
     UnknownCertificate,
     UnknownTarget,
     UnknownThing,
+    validate_thing_name,
 )
 
 UTC = dt.timezone.utc
@@ -476,3 +477,9 @@ def test_schema_1_is_migrated_in_place(tmp_path: Path, ca: CertificateAuthority)
         assert db.execute(PLUGIN_SWEEP_QUERY, (-1,)).fetchall() == []
     finally:
         db.close()
+
+
+@pytest.mark.parametrize("name", ["pump-7\n", "", "x" * 129, "a b", "a/b"])
+def test_a_name_outside_the_rules_is_refused_trailing_newline_included(name: str) -> None:
+    with pytest.raises(InvalidName):
+        validate_thing_name(name)
