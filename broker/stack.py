@@ -102,6 +102,7 @@ class Stack:
         self.broker = MosquittoProcess(config, self.files)
         self.services: subprocess.Popen[bytes] | None = None
         self._broker_guard: children.Guard | None = None
+        self._services_guard: children.Guard | None = None
         self._stopping = threading.Event()
 
     # ------------------------------------------------------------------ start-up
@@ -186,6 +187,10 @@ class Stack:
                 start_new_session=True,  # a terminal's Ctrl-C reaches the supervisor only
                 preexec_fn=children.preexec(signal.SIGTERM),  # and it ends with us
             )
+        # The parent-death signal asks it to stop; the guard makes sure it has, even when a
+        # stop hangs on a broker that died with us (seen once under a loaded full suite).
+        self._disarm_services_guard()
+        self._services_guard = children.Guard(self.services.pid, "broker.services")
         deadline = time.monotonic() + SERVICES_READY_TIMEOUT
         while not self.files.services_ready.exists():
             if self.services.poll() is not None:
@@ -240,6 +245,11 @@ class Stack:
     def _report(self, message: str) -> None:
         print(f"fleet-broker: {message}", file=sys.stderr, flush=True)
 
+    def _disarm_services_guard(self) -> None:
+        if self._services_guard is not None:
+            self._services_guard.disarm()
+            self._services_guard = None
+
     def stop(self) -> None:
         if self.services is not None and self.services.poll() is None:
             self.services.send_signal(signal.SIGTERM)
@@ -248,6 +258,7 @@ class Stack:
             except subprocess.TimeoutExpired:
                 self.services.kill()
                 self.services.wait()
+        self._disarm_services_guard()
         self.broker.stop()
         if self._broker_guard is not None:
             self._broker_guard.disarm()

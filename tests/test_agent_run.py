@@ -163,7 +163,7 @@ def test_run_provisions_applies_desired_state_and_serves_the_shadow_commands(
         status = fleet_agent("status", "--config", str(config))
         assert status.returncode == 0, status.stderr
         assert f"thing        {thing}" in status.stdout
-        assert "agent        running, connected since" in status.stdout
+        assert "agent        running, connected for" in status.stdout
         assert "shadow classic version" in status.stdout
         as_json = json.loads(fleet_agent("status", "--json", "--config", str(config)).stdout)
         assert as_json["runtime"]["state"] == "connected"
@@ -199,7 +199,7 @@ def test_the_control_socket_can_live_outside_the_state_folder(fleet: Fleet) -> N
 
         status = fleet_agent("status", "--config", str(config))
         assert status.returncode == 0, status.stderr
-        assert "agent        running, connected since" in status.stdout
+        assert "agent        running, connected for" in status.stdout
         as_json = json.loads(fleet_agent("status", "--json", "--config", str(config)).stdout)
         assert as_json["control_socket"] == str(socket_path)
 
