@@ -7,7 +7,7 @@ default (one file, WAL). The C plugin opens the same database read-only and runs
         FROM certificates c LEFT JOIN things t ON t.name = c.thing_name WHERE c.id = ?1
     SELECT 1 FROM things WHERE name = ?1
 
-    SELECT id FROM certificates WHERE updated_at > ?1 AND status != 'ACTIVE'
+    SELECT id FROM certificates WHERE updated_at > ?1 AND status IN ('INACTIVE', 'REVOKED')
 
 so those table and column names are part of the contract with broker/plugin/.
 """

@@ -34,7 +34,9 @@ PLUGIN_CERT_QUERY = (
     "SELECT c.status, c.role, c.thing_name, c.awaiting_first_connect, t.status"
     " FROM certificates c LEFT JOIN things t ON t.name = c.thing_name WHERE c.id = ?1"
 )
-PLUGIN_SWEEP_QUERY = "SELECT id FROM certificates WHERE updated_at > ?1 AND status != 'ACTIVE'"
+PLUGIN_SWEEP_QUERY = (
+    "SELECT id FROM certificates WHERE updated_at > ?1 AND status IN ('INACTIVE', 'REVOKED')"
+)
 PLUGIN_THING_QUERY = "SELECT 1 FROM things WHERE name = ?1"
 
 

@@ -430,7 +430,7 @@ static int registry_open(void)
 				-1, &stmt_certificate, NULL) != SQLITE_OK
 			|| sqlite3_prepare_v2(registry, "SELECT 1 FROM things WHERE name = ?1",
 				-1, &stmt_thing, NULL) != SQLITE_OK
-			|| sqlite3_prepare_v2(registry, "SELECT id FROM certificates WHERE updated_at > ?1 AND status != 'ACTIVE'",
+			|| sqlite3_prepare_v2(registry, "SELECT id FROM certificates WHERE updated_at > ?1 AND status IN ('INACTIVE', 'REVOKED')",
 				-1, &stmt_changed, NULL) != SQLITE_OK){
 		mosquitto_log_printf(MOSQ_LOG_ERR, LOG_PREFIX "registry %s has no fleet schema: %s",
 				registry_path, sqlite3_errmsg(registry));
@@ -970,7 +970,9 @@ static int on_control(int event, void *event_data, void *userdata)
 	return MOSQ_ERR_SUCCESS;
 }
 
-/* Certificates that stopped being ACTIVE since the last sweep (with an overlap). */
+/* Certificates made INACTIVE or REVOKED since the last sweep (with an overlap). Not
+ * PENDING_ACTIVATION: those never connected, and onboarding makes them by the hundred a
+ * second, each of which the sweep would otherwise compare with every connection. */
 static void sweep_revoked(double now)
 {
 	char *ids[256];
