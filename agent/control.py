@@ -20,6 +20,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final
 
+from agent.shadow_sync import QueueNotSaved
+
 log = logging.getLogger("fleet.agent.control")
 
 SOCKET_NAME: Final = "agent.sock"
@@ -66,6 +68,16 @@ async def serve(path: Path, operations: dict[str, Operation]) -> asyncio.Abstrac
                 answer = {"ok": False, "error": f"bad request: {exc}"}
             except ControlError as exc:
                 answer = {"ok": False, "error": str(exc)}
+            except QueueNotSaved as exc:
+                # A report: in the queue in memory and sent from there, but the state folder
+                # refused the write (full, read-only). Say so, naming the file and the cause,
+                # instead of closing without an answer.
+                log.warning("control request: %s", exc)
+                answer = {
+                    "ok": False,
+                    "error": f"{exc}; the report is sent from memory but not saved "
+                    "(lost if the agent stops before it is sent)",
+                }
             writer.write(json.dumps(answer).encode() + b"\n")
             await writer.drain()
         except (asyncio.TimeoutError, ConnectionError, asyncio.LimitOverrunError):
