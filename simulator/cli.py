@@ -1,36 +1,97 @@
-"""``fleet-sim``: run fleets against the local broker side (the simulator grows here)."""
+"""``fleet-sim``, the fleet simulator's command line: ``demo``, ``run`` and ``locust``."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import ssl
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
+from agent import distribution_version
 from broker import children
 from broker.config import ConfigError
 from broker.mosquitto import BrokerError
 from broker.mqtt import ConnectError
 from broker.pki import PkiError
 from simulator import locust_command
+from simulator.scenario import Scenario
+
+# One scheme for fleet-broker, fleet-agent and fleet-sim (SIGTERM: 128 + 15).
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_CODES = (
+    "exit codes: 0 done (demo: PASS), 1 failed (demo: FAIL; run: not every device onboarded), "
+    "2 bad command line or configuration, 3 broker unreachable (try again), 130 Ctrl-C, "
+    "143 SIGTERM. A closed standard output (| head) is not a failure: the command goes on "
+    "quietly and exits as it would have."
+)
+DESCRIPTION = (
+    "The fleet simulator: virtual devices that run the agent's own claim flow and shadow sync, "
+    "against the local broker side it starts (or one that runs already, --endpoint). "
+    "`demo` checks the whole system and says PASS or FAIL, `run` measures a fleet and writes a "
+    "report, `locust` load-tests with Locust."
+)
+EPILOG = f"""\
+examples:
+  fleet-sim demo                                  # local fleet cloud, 20 devices, PASS/FAIL
+  fleet-sim run --devices 500 --rate 50 --storm-at 5 --out results/
+  fleet-sim locust --local --headless -u 200 -r 50 -t 2m
+
+SIGTERM (kill, timeout, a CI cancel) stops every command as Ctrl-C does: what it started is
+stopped and `run` still writes its report. Nothing it starts outlives it, even if it is killed
+(SIGKILL).
+
+{textwrap.fill(EXIT_CODES, 92)}
+"""
+
+
+class _Console(Console):
+    """Rich's console, but a reader that goes away (``| head``) only silences it: rich's own
+    answer is SystemExit(1), which reads as a failed run or a FAIL."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _subcommand(
+    sub: argparse._SubParsersAction, name: str, **kwargs: str
+) -> argparse.ArgumentParser:
+    return sub.add_parser(name, epilog=EXIT_CODES, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fleet-sim",
-        description=__doc__,
-        epilog="SIGTERM (kill, timeout, a CI cancel) stops every command as Ctrl-C does: what "
-        "it started is stopped, `run` still writes its report; the exit code is then 143. "
-        "Nothing it starts outlives it, even if it is killed (SIGKILL).",
+        description=textwrap.fill(DESCRIPTION, 92),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {distribution_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    demo = sub.add_parser(
-        "demo", help="bring up a local fleet cloud, run a small fleet against it, report"
+    _add_demo(sub)
+    _add_run(sub)
+    locust_command.add_parser(sub)
+    return parser
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    demo = _subcommand(
+        sub,
+        "demo",
+        help="bring up a local fleet cloud, run a small fleet against it, report PASS or FAIL",
+        description="Start a broker side (fresh PKI and registry, Mosquitto with the plugin, the "
+        "fleet services) on a free port, onboard a fleet by claim (one real fleet-agent process, "
+        "the rest virtual devices on the agent's code), drive shadow traffic, try the attacks the "
+        "plugin stops and revoke a device; then stop everything and print what was measured and "
+        "checked. Exit 0 only if every check passed (PASS).",
     )
-    demo.add_argument("--devices", type=int, default=20, help="fleet size (default 20)")
+    demo.add_argument("--devices", type=int, default=20, help="fleet size, 2 to 2000 (default 20)")
     demo.add_argument("--dir", type=Path, help="work folder (default: a new temp folder)")
     demo.add_argument(
         "--port", type=int, help="broker port (default: a free one; 8883 with --endpoint)"
@@ -54,46 +115,75 @@ def build_parser() -> argparse.ArgumentParser:
         "of starting one",
     )
 
-    run = sub.add_parser(
+
+#: `run`'s options: flag, type (or its choices), metavar, help; "{default}" is the scenario's
+#: own default, so help and behaviour cannot drift apart.
+RUN_FLAGS: tuple[tuple[str, type | tuple[str, ...], str | None, str], ...] = (
+    ("--devices", int, "N", "fleet size ({default})"),
+    ("--rate", float, "PER_S", "arrivals per second, the peak of a linear ramp ({default})"),
+    ("--ramp", ("constant", "linear"), None, "arrival ramp shape ({default})"),
+    ("--ramp-seconds", float, "SECONDS", "linear ramp duration ({default})"),
+    ("--concurrency", int, "N", "onboardings in flight at most, whole fleet ({default})"),
+    ("--processes", int, "N", "simulator processes ({default}: automatic)"),
+    ("--devices-per-process", int, "N", "devices per process when automatic ({default})"),
+    ("--update-interval", float, "SECONDS", "shadow update period, 0: none ({default})"),
+    ("--update-bytes", int, "BYTES", "padding per shadow update ({default})"),
+    ("--hold", float, "SECONDS", "connected after the last arrival ({default})"),
+    ("--churn", float, "PER_S", "drops and reconnects per second ({default})"),
+    ("--storm-at", float, "SECONDS", "into the hold: all drop and reconnect (default: no storm)"),
+    (
+        "--claim",
+        ("shared", "per-device"),
+        None,
+        "one for all, or per device (local broker only) ({default})",
+    ),
+    ("--desired-rate", float, "PER_S", "operator desired changes/s, local broker only ({default})"),
+    ("--endpoint", str, "HOST", "an existing broker (default: start a local one on a free port)"),
+    ("--port", int, "PORT", "the --endpoint's port ({default})"),
+    ("--ca-file", Path, "FILE", "with --endpoint: the CA certificate that signed the broker's"),
+    ("--claim-certificate", Path, "FILE", "with --endpoint: the claim certificate to onboard with"),
+    ("--claim-key", Path, "FILE", "with --endpoint: the claim certificate's private key"),
+    ("--timeout", float, "SECONDS", "per connect and request ({default})"),
+    (
+        "--ceiling-seconds",
+        float,
+        "SECONDS",
+        "first measure bare mutual-TLS connects/s this long ({default}: no)",
+    ),
+)
+
+
+def _default(flag: str) -> str:
+    value = getattr(Scenario, flag[2:].replace("-", "_"))
+    return f"default {value:g}" if isinstance(value, int | float) else f"default {value}"
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    run = _subcommand(
+        sub,
         "run",
         help="onboard and run a virtual fleet, measured (local broker side unless --endpoint)",
         description="Each virtual device runs the agent's claim flow and shadow sync with its "
-        "own key and certificate. Options override the scenario file.",
+        "own key and certificate. Options override the scenario file; the defaults are the "
+        "scenario's. Progress is a live table in a terminal, a plain line every few seconds "
+        "elsewhere; at the end a table of every step, and report.json plus plots in --out.",
     )
-    run.add_argument("scenario", nargs="?", type=Path, help="a scenario TOML file")
-    run.add_argument("--devices", type=int, help="fleet size (default 100)")
-    run.add_argument("--rate", type=float, help="arrivals per second (default 50)")
-    run.add_argument("--ramp", choices=["constant", "linear"], help="arrival ramp shape")
-    run.add_argument("--ramp-seconds", type=float, help="linear ramp duration")
-    run.add_argument("--concurrency", type=int, help="onboardings in flight at most")
-    run.add_argument("--processes", type=int, help="simulator processes (0: automatic)")
-    run.add_argument("--devices-per-process", type=int, help="default 5000")
-    run.add_argument("--update-interval", type=float, help="seconds between shadow updates")
-    run.add_argument("--update-bytes", type=int, help="padding per shadow update")
-    run.add_argument("--hold", type=float, help="seconds connected after the last arrival")
-    run.add_argument("--churn", type=float, help="drops and reconnects per second")
-    run.add_argument("--storm-at", type=float, help="seconds into the hold: all drop and return")
-    run.add_argument("--claim", choices=["shared", "per-device"], help="claim certificates")
-    run.add_argument("--desired-rate", type=float, help="operator desired changes per second")
-    run.add_argument("--endpoint", help="an existing broker (default: start a local one)")
-    run.add_argument("--port", type=int, help="its port")
-    run.add_argument("--ca-file", type=Path)
-    run.add_argument("--claim-certificate", type=Path)
-    run.add_argument("--claim-key", type=Path)
-    run.add_argument("--timeout", type=float, help="seconds per connect and request")
     run.add_argument(
-        "--ceiling-seconds",
-        type=float,
-        help="first measure bare mutual-TLS connects/s for this long (the onboarding ceiling)",
+        "scenario", nargs="?", type=Path, help="a scenario TOML file (keys as the options)"
     )
+    for flag, kind, metavar, text in RUN_FLAGS:
+        text = text.format(default=_default(flag))
+        if isinstance(kind, tuple):
+            run.add_argument(flag, choices=kind, help=text)
+        else:
+            run.add_argument(flag, type=kind, metavar=metavar, help=text)
     run.add_argument(
         "--out",
         type=Path,
+        metavar="DIR",
         help="report folder (default fleet-sim-<time>): the report, plots and the local broker "
         "side's logs; its PKI and registry stay in a private temporary folder, removed at the end",
     )
-    locust_command.add_parser(sub)
-    return parser
 
 
 RUN_OPTIONS = (
@@ -104,7 +194,43 @@ RUN_OPTIONS = (
 )
 
 
-def cmd_run(args: object, console: Console) -> int:
+SETUP_ERRORS = (BrokerError, ConfigError, PkiError, ConnectError)
+
+
+def setup_error_exit(exc: Exception) -> int:
+    """One line on stderr, and the scheme's code for a broker side that could not be set up
+    or reached."""
+    print(f"fleet-sim: error: {exc}", file=sys.stderr)
+    if isinstance(exc, ConfigError):
+        return EXIT_USAGE
+    if isinstance(exc, ConnectError) and _unreachable(exc):
+        return EXIT_UNREACHABLE
+    return EXIT_FAILED
+
+
+def _unreachable(exc: ConnectError) -> bool:
+    """The network, not TLS or MQTT, said no (refused, no route, no answer): worth trying
+    again. broker.mqtt raises ConnectError inside its ``except OSError``, so that error is
+    the context; a TLS failure is an OSError too, but retrying will not fix a certificate."""
+    cause = exc.__context__
+    if cause is None:
+        return str(exc).startswith("no CONNACK")
+    return isinstance(cause, OSError) and not isinstance(cause, ssl.SSLError)
+
+
+def run_exit_code(report: dict[str, Any], devices: int) -> int:
+    """0 every device onboarded, 3 none could even reach the broker, 1 otherwise; 130 (143
+    after SIGTERM) when stopped, the report written all the same."""
+    if report["interrupted"]:
+        return children.interrupted_exit_code(EXIT_INTERRUPTED)
+    if report["devices"]["onboarded"] == devices:
+        return EXIT_OK
+    errors = report["errors"]
+    unreachable = set(errors) == {"connect"} and set(errors["connect"]) == {"unreachable"}
+    return EXIT_UNREACHABLE if unreachable and not report["devices"]["onboarded"] else EXIT_FAILED
+
+
+def cmd_run(args: argparse.Namespace, console: Console) -> int:
     import time
 
     from simulator.run import print_report, run_fleet
@@ -115,19 +241,15 @@ def cmd_run(args: object, console: Console) -> int:
     except ScenarioError as exc:
         for line in exc.problems:
             print(f"fleet-sim: error: {line}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     out = args.out or Path(f"fleet-sim-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
         report = run_fleet(scenario, out, console)
-    except (BrokerError, ConfigError, PkiError, ConnectError) as exc:
-        print(f"fleet-sim: error: {exc}", file=sys.stderr)
-        return 1
+    except SETUP_ERRORS as exc:
+        return setup_error_exit(exc)
     print_report(report, console)
-    console.print(f"report: {out / 'report.json'}")
-    complete = report["devices"]["onboarded"] == scenario.devices
-    if report["interrupted"]:
-        return children.interrupted_exit_code(1)
-    return 0 if complete else 1
+    console.print(f"report: {out / 'report.json'}", soft_wrap=True)
+    return run_exit_code(report, scenario.devices)
 
 
 def demo_problem(args: argparse.Namespace) -> str | None:
@@ -152,24 +274,11 @@ def demo_problem(args: argparse.Namespace) -> str | None:
     return None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    children.sigterm_like_ctrl_c()
-    if args.command == "locust":
-        return locust_command.run(args)
-    console = Console()
-    if args.command == "run":
-        try:
-            return cmd_run(args, console)
-        except KeyboardInterrupt:
-            return children.interrupted_exit_code(130)
-        except BrokenPipeError:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return 0
+def cmd_demo(args: argparse.Namespace, console: Console) -> int:
     problem = demo_problem(args)
     if problem:
         print(f"fleet-sim: error: {problem}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     from simulator.demo import print_report, run_demo, run_demo_against
 
     try:
@@ -185,18 +294,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         else:
             report = run_demo(args.devices, args.dir, args.port, console)
-    except (BrokerError, ConfigError, PkiError, ConnectError) as exc:
-        print(f"fleet-sim: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return children.interrupted_exit_code(130)
+    except SETUP_ERRORS as exc:
+        return setup_error_exit(exc)
+    print_report(report, console)
+    return EXIT_OK if report.passed else EXIT_FAILED
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    children.sigterm_like_ctrl_c()
     try:
-        print_report(report, console)
-    except BrokenPipeError:  # the reader went away (`| head`): no traceback
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if args.command == "locust":
+            return locust_command.run(args)
+        command = cmd_run if args.command == "run" else cmd_demo
+        return command(args, _Console())
     except KeyboardInterrupt:
-        return children.interrupted_exit_code(130)
-    return 0 if report.passed else 1
+        return children.interrupted_exit_code(EXIT_INTERRUPTED)
+    except BrokenPipeError:  # a plain print() to a closed stdout; rich's console copes itself
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -116,7 +116,10 @@ def run_demo(devices: int, folder: Path | None, port: int | None, console: Conso
     config = load_config(pki.root, port=port, bind_address=HOST)
     stack = Stack(config, with_services=True)
     report.endpoint = f"mqtts://{HOST}:{port}"
-    console.print(f"[bold]mqtt-fleet demo[/] in {workdir}: broker side on {report.endpoint}")
+    # soft_wrap: a pipe's 80 columns must not break the URL in two
+    console.print(
+        f"[bold]mqtt-fleet demo[/] in {workdir}: broker side on {report.endpoint}", soft_wrap=True
+    )
     agent = AgentProcess(workdir / "fleet-agent", pki, HOST, port, serial="0000", model="gateway")
     _timed(report, "broker + services up (fleet-broker up)", stack.start)  # stops itself on error
     side = BrokerSide(HOST, port, pki, stack.broker.reload)
@@ -172,7 +175,9 @@ def run_demo_against(
         agent = AgentProcess(
             report.workdir / "fleet-agent", pki, endpoint, port, serial="0000", model="gateway"
         )
-    console.print(f"[bold]mqtt-fleet demo[/] against the broker side on {report.endpoint}")
+    console.print(
+        f"[bold]mqtt-fleet demo[/] against the broker side on {report.endpoint}", soft_wrap=True
+    )
     side = BrokerSide(endpoint, port, pki, None, serial_prefix=f"{secrets.token_hex(3)}-")
     try:
         asyncio.run(_fleet(report, side, agent, devices, console))

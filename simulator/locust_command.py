@@ -6,9 +6,10 @@ the locustfile's ``--fleet-*`` options all work (``fleet-sim locust --help`` lis
     fleet-sim locust --headless -u 100 -r 20 -t 1m --host mqtts://broker:8883 \\
         --fleet-ca ca.pem --fleet-claim-cert claim.pem --fleet-claim-key claim.key
 
-One argument is ours: ``--local`` starts the local broker side first (Mosquitto + plugin +
+Two arguments are ours: ``--local`` starts the local broker side first (Mosquitto + plugin +
 services on a free port with a throw-away PKI), fills in ``--host`` and the ``--fleet-ca`` /
-``--fleet-claim-*`` options that were not given, and stops it when Locust ends.
+``--fleet-claim-*`` options that were not given, and stops it when Locust ends; its folder is
+removed then, unless ``--keep`` is given or the run failed (the logs say why).
 """
 
 from __future__ import annotations
@@ -22,23 +23,50 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from broker import children
+
+if TYPE_CHECKING:
+    from broker.mosquitto import RunFiles
 
 LOCUSTFILE = Path(__file__).resolve().with_name("locustfile.py")
 #: Where the ``simulator`` package lives: the locustfile imports it by that name.
 PACKAGE_ROOT = LOCUSTFILE.parent.parent
 LOCAL = "--local"
+KEEP = "--keep"
+OURS = (LOCAL, KEEP)
+#: Exit codes that are no failure of the run: done, bad options (nothing ran), stopped.
+NOT_FAILED = (0, 2, 130, 143)
+HELP = f"""\
+fleet-sim locust: fleet-sim's wrapper around Locust, with the fleet's locustfile
+({LOCUSTFILE.name}: every Locust user is a virtual device). Every argument goes to Locust, so
+all of Locust's options below work, and the locustfile's --fleet-* options after them.
+
+fleet-sim's own options:
+  {LOCAL}   start a local broker side first (free port, throw-away PKI) and point --host and
+            the --fleet-ca/--fleet-claim-* options that were not given at it
+  {KEEP}    with {LOCAL}: keep the broker side's folder (PKI, registry, the Mosquitto and
+            services logs) instead of removing it at the end; a failed run keeps it anyway
+
+exit codes: Locust's (0 done, 1 the run had failures, 2 bad options), 1 the local broker side
+could not start, 130 Ctrl-C, 143 SIGTERM.
+
+example:
+  fleet-sim locust {LOCAL} --headless -u 200 -r 50 -t 2m --csv results/run
+
+Locust's help follows.
+"""
 
 
 def add_parser(subparsers: Any) -> None:
     """Add the ``locust`` command to fleet-sim's subparsers."""
     parser = subparsers.add_parser(
         "locust",
-        help="load test with Locust: each user is a virtual device "
-        "(all options go to locust; --local starts a local broker side first)",
+        help="load test with Locust: each user is a virtual device (all options go to "
+        "Locust; --local starts a local broker side first, --keep keeps its folder)",
         description=__doc__.split("\n\n")[0],
         # No option of its own for argparse: everything, -h included, is Locust's.
         prefix_chars="\0",
@@ -57,63 +85,103 @@ def _given(arguments: Sequence[str], *flags: str) -> bool:
     return any(a == f or a.startswith(f + "=") for a in arguments for f in flags)
 
 
+def _usage_error(message: str) -> int:
+    print(f"fleet-sim: error: {message}", file=sys.stderr)
+    return 2
+
+
 def run(args: argparse.Namespace) -> int:
-    arguments = [a for a in args.locust_args if a != LOCAL]
+    arguments = [a for a in args.locust_args if a not in OURS]
     if _given(arguments, "-h", "--help"):
         return show_help(arguments)
-    if len(arguments) == len(args.locust_args):
-        return run_locust(arguments)
+    local, keep = LOCAL in args.locust_args, KEEP in args.locust_args
+    if not local:
+        return _usage_error(f"{KEEP} applies only with {LOCAL}") if keep else run_locust(arguments)
     if _given(arguments, "--worker"):
-        print(
-            "fleet-sim: error: --local starts a broker side for this machine's run; a --worker "
-            "gets its broker from the master",
-            file=sys.stderr,
+        return _usage_error(
+            f"{LOCAL} starts a broker side for this machine's run; a --worker gets its broker "
+            "from the master"
         )
-        return 2
     from broker.config import ConfigError
     from broker.mosquitto import BrokerError
     from broker.pki import PkiError
 
     try:
-        with local_broker_side() as local:
-            for flags, value in local.items():
+        with local_broker_side(keep=keep) as side:
+            for flags, value in side.options.items():
                 if not _given(arguments, *flags):
                     arguments += [flags[0], value]
-            return run_locust(arguments)
-    except (BrokerError, ConfigError, PkiError) as exc:
+            code = run_locust(arguments)
+            side.failed = code not in NOT_FAILED
+            return code
+    except ConfigError as exc:
+        return _usage_error(str(exc))
+    except (BrokerError, PkiError) as exc:
         print(f"fleet-sim: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # while the broker side starts or stops (it is stopped)
         return children.interrupted_exit_code(130)
 
 
+@dataclass
+class LocalSide:
+    """The local broker side of a run: the options that point Locust at it, its folder, and
+    whether to keep that folder at the end (asked for, or the run failed)."""
+
+    folder: Path
+    options: dict[tuple[str, ...], str]
+    keep: bool = False
+    failed: bool = False
+
+
 @contextlib.contextmanager
-def local_broker_side() -> Iterator[dict[tuple[str, ...], str]]:
-    """A broker side on a free loopback port, and the options that point Locust at it."""
+def local_broker_side(*, keep: bool = False) -> Iterator[LocalSide]:
+    """A broker side on a free loopback port, stopped at the end; its folder is removed then
+    unless ``keep`` or the run failed (set ``failed``), or it could not start."""
     from broker import bootstrap
     from broker.config import load_config
-    from broker.mosquitto import free_port
+    from broker.mosquitto import BrokerError, RunFiles, free_port
     from broker.stack import Stack
 
     folder = Path(tempfile.mkdtemp(prefix="fleet-locust-"))
+    side = LocalSide(folder, {}, keep=keep)
+    logs = RunFiles(folder / "certs" / "run")
     try:
         folder.chmod(0o755)  # as root, Mosquitto drops to its own user, which must reach the PKI
         pki = bootstrap.initialize(folder / "certs")
         config = load_config(pki.root, port=free_port(), bind_address="127.0.0.1")
+        logs = RunFiles(config.run_dir)
         stack = Stack(config, with_services=True)
         print(f"fleet-sim: local broker side on 127.0.0.1:{config.port} ({folder})", flush=True)
-        stack.start()
+        side.options = {
+            ("--host", "-H"): f"mqtts://127.0.0.1:{config.port}",
+            ("--fleet-ca",): str(pki.ca_cert),
+            ("--fleet-claim-cert",): str(pki.claim_cert),
+            ("--fleet-claim-key",): str(pki.claim_key),
+        }
         try:
-            yield {
-                ("--host", "-H"): f"mqtts://127.0.0.1:{config.port}",
-                ("--fleet-ca",): str(pki.ca_cert),
-                ("--fleet-claim-cert",): str(pki.claim_cert),
-                ("--fleet-claim-key",): str(pki.claim_key),
-            }
+            stack.start()
+        except BrokerError:
+            side.failed = True  # its logs say why
+            raise
+        try:
+            yield side
         finally:
             stack.stop()
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        _keep_or_remove(side, logs)
+
+
+def _keep_or_remove(side: LocalSide, logs: RunFiles) -> None:
+    if not (side.keep or side.failed):
+        shutil.rmtree(side.folder, ignore_errors=True)
+        return
+    why = "the run failed; " if side.failed and not side.keep else ""
+    print(
+        f"fleet-sim: {why}kept the broker side's folder {side.folder} (logs: {logs.log}, "
+        f"{logs.services_log}; remove it when done)",
+        flush=True,
+    )
 
 
 def _environment() -> dict[str, str]:
@@ -122,12 +190,17 @@ def _environment() -> dict[str, str]:
 
 
 def show_help(arguments: Sequence[str]) -> int:
-    """Locust's help, then the locustfile's options (Locust's --help leaves them out)."""
+    """Ours first (what this is, --local, --keep), then Locust's help, then the locustfile's
+    options (Locust's --help leaves them out)."""
+    print(HELP, flush=True)
     code = run_locust(arguments)
     sys.stdout.flush()
-    script = "from simulator.locustfile import options_help; print(options_help())"
+    script = (  # quiet when the reader has gone (| head), as Locust's own help is
+        "import os, sys\nfrom simulator.locustfile import options_help\n"
+        "try:\n    print(options_help(), flush=True)\n"
+        "except BrokenPipeError:\n    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)\n"
+    )
     subprocess.run([sys.executable, "-c", script], env=_environment(), check=False)
-    print(f"{LOCAL}  start a local broker side first and point --host and --fleet-* at it")
     return code
 
 

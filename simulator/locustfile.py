@@ -8,11 +8,12 @@ tracker keeps versions and the delta). Its task then does, at the configured pac
 updates, shadow gets and desired changes; whenever a delta arrives it reports the desired values
 as reached, like an echo device.
 
-Statistics (request type / name), each with its real duration:
+Statistics (request type / name), each with its real duration; the types are 8 characters at
+most, the width of Locust's console table:
   connect / claim, connect / thing          TCP + TLS handshake + CONNECT -> CONNACK
-  subscribe / claim, subscribe / thing      SUBSCRIBE -> SUBACK
-  provisioning / CreateCertificateFromCsr   publish -> accepted (certificate issued)
-  provisioning / RegisterThing              publish -> accepted (thing registered)
+  sub / claim, sub / thing                  SUBSCRIBE -> SUBACK
+  claim / CreateCertificateFromCsr          publish -> accepted (certificate issued)
+  claim / RegisterThing                     publish -> accepted (thing registered)
   device / onboarding                       key generation -> first shadow get answered
   shadow / update                           publish -> /update/accepted
   shadow / get                              publish -> /get/accepted (404: no shadow yet, fine)
@@ -599,7 +600,7 @@ class FleetDevice(User):
         claim = self._connect("claim", f"claim-{self.serial}", context)
         try:
             self._step(
-                "subscribe",
+                "sub",
                 "claim",
                 lambda: claim.subscribe(*flow.reply_topics(), timeout=s.timeout),
             )
@@ -624,7 +625,7 @@ class FleetDevice(User):
             )
             return flow.receive(reply.topic, reply.payload)
 
-        return self._step("provisioning", flow.step.value, exchange)
+        return self._step("claim", flow.step.value, exchange)
 
     def _connect_thing(self) -> None:
         s, thing = self.settings, self.thing
@@ -640,7 +641,7 @@ class FleetDevice(User):
         ]
         self.conn = conn
         self._step(
-            "subscribe",
+            "sub",
             "thing",
             lambda: conn.subscribe(*topics, wire.shadow_delta(thing), timeout=s.timeout),
         )

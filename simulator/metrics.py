@@ -46,6 +46,31 @@ STEP_ORDER = (
 )
 
 
+#: Human names of the steps, for tables and report.json's "label" (the keys stay snake_case
+#: for scripts); the same words as the README and the demo's tables.
+STEP_LABELS = {
+    "ceiling_connect": "bare mutual-TLS connect (ceiling)",
+    "tcp_connect": "TCP connect",
+    "tls_handshake": "mutual-TLS handshake",
+    "connack": "CONNECT -> CONNACK",
+    "suback": "SUBSCRIBE -> SUBACK",
+    "create_certificate": "CreateCertificateFromCsr",
+    "register_thing": "RegisterThing",
+    "onboarding": "whole onboarding",
+    "shadow_update": "shadow update round trip",
+    "delta_delivery": "desired -> device (delta)",
+    "desired_to_reported": "desired -> reported",
+    "reconnect": "reconnect",
+    # Steps that only fail (errors tables): a connect as a whole, the first shadow get.
+    "connect": "connect",
+    "shadow_sync": "shadow sync",
+}
+
+
+def step_label(step: str) -> str:
+    return STEP_LABELS.get(step, step.replace("_", " "))
+
+
 def in_step_order(steps: Iterable[str]) -> list[str]:
     present = list(steps)
     return [s for s in STEP_ORDER if s in present] + [s for s in present if s not in STEP_ORDER]

@@ -30,15 +30,15 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from rich.console import Console
-from rich.live import Live
 from rich.table import Table
 
-from agent import wire
+from agent import distribution_version, wire
 from broker import bootstrap
 from broker.config import load_config
 from broker.mosquitto import RunFiles, broker_user, free_port
@@ -47,8 +47,9 @@ from broker.mqtt import disconnect as service_disconnect
 from broker.mqtt import tls_context as service_tls
 from broker.pki import PkiPaths
 from broker.stack import Stack
+from simulator import progress
 from simulator.ceiling import STEP as CEILING_STEP
-from simulator.metrics import Recorder, in_step_order
+from simulator.metrics import Recorder, in_step_order, step_label
 from simulator.plots import write_plots
 from simulator.scenario import Scenario
 from simulator.virtual_device import SENT_AT_KEY, Target
@@ -65,7 +66,6 @@ SYS_COUNTERS = {
     "$SYS/broker/messages/received": "broker_msgs_received_per_s",
     "$SYS/broker/messages/sent": "broker_msgs_sent_per_s",
 }
-LIVE_STEPS = ("onboarding", "shadow_update", "reconnect")
 #: Queue depths the services publish (broker.services.FleetServices.stats).
 SERVICE_DEPTHS = (
     "requests_waiting",
@@ -100,13 +100,14 @@ class FleetState:
     _summary: dict[str, Any] = field(default_factory=dict)
     _summary_at: float = 0.0
 
-    def live_summary(self) -> dict[str, Any]:
-        """What the live display shows, at most every 2 s and of its steps only: it sorts their
-        samples, and this process shares the cores with the fleet it measures."""
+    def live_summary(self, max_age: float = progress.LIVE_SUMMARY_AGE) -> dict[str, Any]:
+        """What the progress display shows, of its steps only and at most ``max_age`` seconds
+        old: it sorts their samples, and this process shares the cores with the fleet it
+        measures."""
         now = time.monotonic()
-        if now - self._summary_at >= 2.0:
+        if now - self._summary_at >= max_age:
             self._summary = {
-                "steps": self.recorder.step_summary(only=LIVE_STEPS),
+                "steps": self.recorder.step_summary(only=progress.LIVE_STEPS),
                 "errors_total": self.recorder.errors_total(),
             }
             self._summary_at = now
@@ -194,7 +195,8 @@ def broker_side(scenario: Scenario, output: Path, console: Console) -> Iterator[
         stack = Stack(config, with_services=True)
         console.print(
             f"starting the local broker side on 127.0.0.1:{config.port} (throw-away PKI in "
-            f"{workdir}, removed at the end; logs in {output / BROKER_LOGS})"
+            f"{workdir}, removed at the end; logs in {output / BROKER_LOGS})",
+            soft_wrap=True,  # one line in a log or a pipe too, whatever its width
         )
         try:
             stack.start()
@@ -330,13 +332,16 @@ def run_fleet(scenario: Scenario, output: Path, console: Console) -> dict[str, A
         # at the next tick of the clock; a second one abandons the graceful stop.
         interrupt = _Interrupt()
         previous = signal.signal(signal.SIGINT, interrupt.handler)
+        clock = progress.Progress(scenario, started, ceiling)
         try:
             try:
                 for process in processes:
                     process.start()
-                with Live(
-                    _progress(scenario, state, "starting"), console=console, refresh_per_second=4
-                ) as live:
+                with progress.display(console) as screen:
+
+                    def show(phase: str) -> None:
+                        screen.update(phase, lambda age: _snapshot(clock, state, phase, age))
+
                     interrupted = _drive(
                         scenario,
                         state,
@@ -345,10 +350,12 @@ def run_fleet(scenario: Scenario, output: Path, console: Console) -> dict[str, A
                         stop,
                         storm,
                         operator,
-                        live,
+                        clock,
+                        show,
                         processes,
                         interrupt,
                     )
+                    show("interrupted" if interrupted else "stopping")
             finally:
                 stop.set()
                 _collect_until_done(state, lock, out, processes)
@@ -366,6 +373,7 @@ def run_fleet(scenario: Scenario, output: Path, console: Console) -> dict[str, A
     report = _report(scenario, state, started, interrupted, operator, workers)
     if ceiling is not None:
         report["ceiling"] = _ceiling(scenario, state, report["steps"])
+    report = _self_describing(report, broker, started)
     (output / "report.json").write_text(json.dumps(report, indent=2, default=str))
     title = f"fleet-sim: {scenario.devices} devices at {scenario.rate:g}/s"
     written = write_plots(state.recorder.timeline(), output, title, _phases(state))
@@ -398,8 +406,11 @@ class _Interrupt:
         self.requested.set()
 
 
-def _drive(scenario, state, lock, out, stop, storm, operator, live, processes, interrupt) -> bool:
-    """The run's clock: onboarding, hold, storm, stop. True if interrupted."""
+def _drive(
+    scenario, state, lock, out, stop, storm, operator, clock, show, processes, interrupt
+) -> bool:
+    """The run's clock: onboarding, hold, storm, stop; ``show(phase)`` shows the progress.
+    True if interrupted."""
     desired_every = 1 / scenario.desired_rate if scenario.desired_rate else None
     next_desired = time.time() + (desired_every or 0)
     hold_started: float | None = None
@@ -414,7 +425,6 @@ def _drive(scenario, state, lock, out, stop, storm, operator, live, processes, i
                 total >= scenario.devices or len(state.finished) == len(processes)
             ):
                 hold_started = state.hold_started = now
-            phase = "onboarding" if hold_started is None else "holding"
             if hold_started is not None:
                 if (
                     scenario.storm_at is not None
@@ -425,6 +435,7 @@ def _drive(scenario, state, lock, out, stop, storm, operator, live, processes, i
                     state.storm_started = now
                 if now >= hold_started + scenario.hold:
                     return False
+            phase = clock.phase(now, holding=hold_started is not None, storm=storm.is_set())
             if operator is not None and desired_every and now >= next_desired:
                 operator.desire()
                 next_desired = now + desired_every
@@ -432,7 +443,7 @@ def _drive(scenario, state, lock, out, stop, storm, operator, live, processes, i
                 dead = [p.name for p in processes if not p.is_alive() and p.exitcode]
                 if dead:
                     phase = f"worker(s) died: {', '.join(dead)}"
-            live.update(_progress(scenario, state, phase))
+            show(phase)
     except KeyboardInterrupt:
         return True
 
@@ -456,22 +467,19 @@ def _collect_until_done(state, lock, out, processes) -> None:
         _drain(state, lock, out, timeout=0.2)
 
 
-def _progress(scenario: Scenario, state: FleetState, phase: str) -> Table:
-    table = Table(title=f"fleet-sim: {scenario.devices} devices, {phase}", show_header=False)
-    onboarded = sum(state.onboarded.values())
-    table.add_row("onboarded", f"{onboarded} / {scenario.devices}")
-    table.add_row("connected", str(sum(state.connected.values())))
-    table.add_row("failed", str(sum(state.failed.values())))
-    summary = state.live_summary()
-    steps = summary.get("steps", {})
-    for step in LIVE_STEPS:
-        if step in steps:
-            s = steps[step]
-            table.add_row(
-                step, f"{s['count']} done, p50 {s['p50_ms']:.1f} ms, p99 {s['p99_ms']:.1f} ms"
-            )
-    table.add_row("errors", str(summary.get("errors_total", 0)))
-    return table
+def _snapshot(
+    clock: progress.Progress, state: FleetState, phase: str, max_age: float
+) -> progress.Snapshot:
+    summary = state.live_summary(max_age)
+    return clock.snapshot(
+        phase,
+        onboarded=sum(state.onboarded.values()),
+        failed=sum(state.failed.values()),
+        connected=sum(state.connected.values()),
+        errors=summary.get("errors_total", 0),
+        steps=summary.get("steps", {}),
+        hold_started=state.hold_started,
+    )
 
 
 def _report(scenario, state, started, interrupted, operator, workers) -> dict[str, Any]:
@@ -519,6 +527,50 @@ def _report(scenario, state, started, interrupted, operator, workers) -> dict[st
     }
 
 
+#: What report.json's less obvious figures mean, written into it ("notes").
+REPORT_NOTES = {
+    "started_at": "when the first device was due to arrive (UTC); duration_s counts from it, "
+    "and a ceiling measurement (ceiling.seconds) comes before it",
+    "endpoint": "the broker the devices connected to; local: a broker side this run started "
+    "on a free port (scenario.port is that port too)",
+    "steps": "per step: count, rate_per_s (completions per second while it ran), "
+    "mean/p50/p90/p99/max in milliseconds (nearest-rank percentiles); label: its name in the "
+    "README and the tables",
+    "simulator.kb_per_connected_device": "KB (1024 bytes) of resident memory (RSS) per device: "
+    "the simulator processes' peak RSS beyond their size at start-up, over the most devices "
+    "connected at once; it includes onboarding's passing memory, so an upper bound",
+    "simulator.kb_per_device_held": "KB of RSS per device when the most devices were "
+    "connected, beyond start-up: what a connected device holds; the figure to size a machine",
+    "broker.broker_stored_messages": "Mosquitto's $SYS/broker/store/messages/count at the "
+    "end: messages in its store, mostly its own retained $SYS topics, plus retained messages "
+    "and QoS 1 messages not yet acknowledged; no persistent session (the devices keep none)",
+    "broker.broker_msgs_received_per_min, broker.broker_msgs_sent_per_min": "Mosquitto's "
+    "1-minute load averages of messages received and sent, as its $SYS topics give them",
+    "services": "the fleet services' deepest queues over the run (local broker side only)",
+}
+
+
+def _self_describing(
+    report: dict[str, Any], broker: dict[str, Any], started: float
+) -> dict[str, Any]:
+    """The report with what a reader needs without the command line: tool version, start
+    time, the endpoint really used, step labels and notes on the figures."""
+    local = broker["pki"] is not None
+    endpoint = {"host": broker["endpoint"], "port": broker["port"], "local": local}
+    report["scenario"]["port"] = broker["port"]  # not the default 8883 of a local run
+    for phase in ("steps", "steps_holding", "steps_storm"):
+        for step, figures in report[phase].items():
+            figures["label"] = step_label(step)
+    at = datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds")
+    return {
+        "fleet_sim_version": distribution_version(),
+        "started_at": at.replace("+00:00", "Z"),
+        "endpoint": endpoint,
+        **report,
+        "notes": REPORT_NOTES,
+    }
+
+
 def _phase(state: FleetState, start: float | None, end: float | None) -> dict[str, Any]:
     if start is None:
         return {}
@@ -551,7 +603,8 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         f"[bold]{devices['onboarded']}/{devices['target']} devices onboarded[/], "
         f"{devices['failed']} failed, peak {devices['peak_connected']} connected, "
         f"{report['errors_total']} errors, {report['duration_s']} s"
-        + (" (interrupted)" if report["interrupted"] else "")
+        + (" (interrupted)" if report["interrupted"] else ""),
+        soft_wrap=True,  # text lines stay whole in a log; only the tables fit the width
     )
     table = Table(title="steps (ms)")
     for column in ("step", "count", "rate/s", "p50", "p90", "p99", "max"):
@@ -560,7 +613,7 @@ def print_report(report: dict[str, Any], console: Console) -> None:
     for step in in_step_order(steps):
         s = steps[step]
         table.add_row(
-            step,
+            step_label(step),
             str(s["count"]),
             f"{s['rate_per_s']:.1f}",
             *(f"{s[k]:.1f}" for k in ("p50_ms", "p90_ms", "p99_ms", "max_ms")),
@@ -573,8 +626,9 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         s = report.get(phase, {}).get(step)
         if s:
             console.print(
-                f"{label}: {step} {s['count']} at {s['rate_per_s']:.1f}/s, "
-                f"p50 {s['p50_ms']:.1f} ms, p99 {s['p99_ms']:.1f} ms, max {s['max_ms']:.1f} ms"
+                f"{label}: {step_label(step)} {s['count']} at {s['rate_per_s']:.1f}/s, "
+                f"p50 {s['p50_ms']:.1f} ms, p99 {s['p99_ms']:.1f} ms, max {s['max_ms']:.1f} ms",
+                soft_wrap=True,
             )
     if report["errors"]:
         errors = Table(title="errors")
@@ -583,7 +637,8 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         messages = report.get("error_messages", {})
         for step, kinds in report["errors"].items():
             for kind, count in kinds.items():
-                errors.add_row(step, kind, str(count), messages.get(step, {}).get(kind, ""))
+                first = messages.get(step, {}).get(kind, "")
+                errors.add_row(step_label(step), kind, str(count), first)
         console.print(errors)
     simulator = report["simulator"]
     held = simulator["kb_per_connected_device"]
@@ -591,12 +646,14 @@ def print_report(report: dict[str, Any], console: Console) -> None:
     broker = ", ".join(f"{k} {v:g}" for k, v in report["broker"].items())
     console.print(
         f"simulator: {report['processes']} process(es), {memory}"
-        + (f"; broker: {broker}" if broker else "")
+        + (f"; broker: {broker}" if broker else ""),
+        soft_wrap=True,
     )
     if report.get("services"):
         console.print(
             "services (max over the run): "
-            + ", ".join(f"{k} {v:g}" for k, v in report["services"].items())
+            + ", ".join(f"{k} {v:g}" for k, v in report["services"].items()),
+            soft_wrap=True,
         )
     if "ceiling" in report:
         c = report["ceiling"]
@@ -604,7 +661,8 @@ def print_report(report: dict[str, Any], console: Console) -> None:
             f"ceiling: {c['connects_per_s']:.1f} bare mutual-TLS connects/s over "
             f"{c['seconds']:g} s; onboarding {c['onboarding_per_s']:.1f}/s = "
             f"{(c['onboarding_share'] or 0) * 100:.0f}% of it (two connections each: "
-            f"{(c['connections_share'] or 0) * 100:.0f}% of the connect capacity)"
+            f"{(c['connections_share'] or 0) * 100:.0f}% of the connect capacity)",
+            soft_wrap=True,
         )
     for path in report.get("plots", []):
-        console.print(f"plot: {path}")
+        console.print(f"plot: {path}", soft_wrap=True)

@@ -128,6 +128,11 @@ def test_demo_onboards_syncs_defends_and_reports(workdir: Path) -> None:
     assert f"{devices}/{devices} (1 fleet-agent process + {virtual} virtual devices" in text
     for label in ("CreateCertificateFromCsr", "RegisterThing", "desired -> reported", "p99"):
         assert label in text
+    # The onboarding table is a list of figures: no header row, so no empty one.
+    onboarding = text[text.index("Onboarding: ") : text.index("Every step, measured")]
+    rows = [line for line in onboarding.splitlines() if line.startswith(("│", "┃"))]
+    assert rows[0].startswith("│ devices onboarded"), onboarding
+    assert all(line.strip("│┃ ") for line in rows), onboarding
 
 
 def test_the_command_prints_the_report_and_no_secret(workdir: Path) -> None:
@@ -141,6 +146,33 @@ def test_the_command_prints_the_report_and_no_secret(workdir: Path) -> None:
     assert "disconnected" in out and "ms after revoke" in out
     assert "PRIVATE KEY" not in out and "BEGIN CERTIFICATE" not in out
     assert not TOKEN_LIKE.search(out.replace(str(workdir), "")), "a token-like string leaked"
+    assert processes_using(workdir) == []
+
+
+def test_a_closed_stdout_does_not_turn_a_pass_into_a_fail(workdir: Path) -> None:
+    """`fleet-sim demo | head -3`: the demo goes on quietly, stops what it started, and its
+    exit code is still its verdict (0: PASS)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "simulator.cli", "demo", "--devices", "3", "--dir", str(workdir)],
+        cwd=REPO,
+        env=ENV,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    try:
+        first = [process.stdout.readline() for _ in range(3)]
+        process.stdout.close()  # as head does once it has its lines
+        assert process.wait(timeout=120) == 0, process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    # One line, not broken mid-URL at a pipe's 80 columns.
+    assert first[0].startswith("mqtt-fleet demo in ") and "mqtts://127.0.0.1:" in first[0]
+    assert "Traceback" not in process.stderr.read()
     assert processes_using(workdir) == []
 
 

@@ -6,6 +6,8 @@ AWS rejections reported as failures."""
 from __future__ import annotations
 
 import csv
+import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,11 +22,11 @@ from tests.fleet import AGENT_ENV, REPO, Fleet, make_workdir, running_fleet
 #: Every row the fleet's Locust statistics have once a run is under way.
 STEPS = {
     ("connect", "claim"),
-    ("subscribe", "claim"),
-    ("provisioning", "CreateCertificateFromCsr"),
-    ("provisioning", "RegisterThing"),
+    ("sub", "claim"),
+    ("claim", "CreateCertificateFromCsr"),
+    ("claim", "RegisterThing"),
     ("connect", "thing"),
-    ("subscribe", "thing"),
+    ("sub", "thing"),
     ("device", "onboarding"),
     ("shadow", "update"),
     ("shadow", "get"),
@@ -109,7 +111,7 @@ def test_headless_run_reports_every_step_in_csv_and_html(stack: Fleet) -> None:
         assert count(rows, step) > 0, (step, sorted(rows))
         assert rows[step]["Failure Count"] == "0", rows[step]
     # One claim flow per user, each onboarded once; nothing else failed anywhere.
-    for step in [s for s in STEPS if s[0] in ("provisioning", "device")]:
+    for step in [s for s in STEPS if s[0] in ("claim", "device")]:
         assert count(rows, step) == users, step
     assert len(things_with(stack, "headless")) == users
     assert rows[("", "Aggregated")]["Failure Count"] == "0"
@@ -128,7 +130,7 @@ def test_processes_share_one_run(stack: Fleet) -> None:
     )
     assert_clean(proc)
     rows = stats(out / "run")
-    assert count(rows, ("provisioning", "RegisterThing")) == 8
+    assert count(rows, ("claim", "RegisterThing")) == 8
     assert count(rows, ("shadow", "update")) > 0
     assert rows[("", "Aggregated")]["Failure Count"] == "0"
 
@@ -165,7 +167,7 @@ def test_master_and_two_workers_on_loopback(stack: Fleet) -> None:
     onboarded = {name: len(things_with(stack, name)) for name in ("wone", "wtwo")}
     assert all(onboarded.values()), onboarded  # both workers ran devices...
     # ...and the master's figures hold both workers' devices.
-    assert count(rows, ("provisioning", "RegisterThing")) == sum(onboarded.values()) == 10
+    assert count(rows, ("claim", "RegisterThing")) == sum(onboarded.values()) == 10
     assert count(rows, ("device", "onboarding")) == 10
     assert count(rows, ("shadow", "update")) > 0
     assert rows[("", "Aggregated")]["Failure Count"] == "0"
@@ -210,12 +212,12 @@ def test_a_rejection_is_a_failure_named_by_its_aws_error_code(stack: Fleet) -> N
     assert proc.returncode == 1, proc.stdout + proc.stderr  # Locust: the run had failures
     assert "Traceback" not in proc.stdout + proc.stderr
     rows = stats(out / "run")
-    assert rows[("provisioning", "CreateCertificateFromCsr")]["Failure Count"] == "0"
-    register = rows[("provisioning", "RegisterThing")]
+    assert rows[("claim", "CreateCertificateFromCsr")]["Failure Count"] == "0"
+    register = rows[("claim", "RegisterThing")]
     assert int(register["Failure Count"]) == int(register["Request Count"]) > 0
     with open(out / "run_failures.csv", newline="") as f:
         failures = list(csv.DictReader(f))
-    assert [(row["Method"], row["Name"]) for row in failures] == [("provisioning", "RegisterThing")]
+    assert [(row["Method"], row["Name"]) for row in failures] == [("claim", "RegisterThing")]
     assert failures[0]["Error"].startswith("AwsRejected('ResourceNotFound (404): ")
 
 
@@ -241,7 +243,30 @@ def test_help_lists_the_fleet_options() -> None:
     assert proc.returncode == 0, proc.stderr
     for flag in ("--headless", "--fleet-ca", "--fleet-claim-key", "--fleet-update-interval"):
         assert flag in proc.stdout, flag
-    assert "--local" in proc.stdout
+    # Ours first: what this is, its own options, then Locust's help.
+    assert proc.stdout.startswith("fleet-sim locust: fleet-sim's wrapper around Locust")
+    ours = proc.stdout[: proc.stdout.index("Usage: locust")]
+    assert "--local" in ours and "--keep" in ours and "exit codes" in ours
+
+
+def test_request_types_fit_locusts_console_table() -> None:
+    from locust.stats import STATS_TYPE_WIDTH
+
+    assert all(len(kind) <= STATS_TYPE_WIDTH for kind, _ in STEPS), STEPS
+
+
+def test_keep_applies_only_with_local() -> None:
+    proc = fleet_locust("--keep", "--headless", "-t", "1s", timeout=30)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "fleet-sim: error: --keep applies only with --local"
+
+
+def kept_folder(output: str) -> Path:
+    found = re.search(r"kept the broker side's folder (\S+) \(logs: (\S+),", output)
+    assert found, output[-3000:]
+    folder, log = Path(found.group(1)), Path(found.group(2))
+    assert folder.is_dir() and log.is_file() and log.is_relative_to(folder)
+    return folder
 
 
 def test_local_starts_its_own_broker_side() -> None:
@@ -256,3 +281,25 @@ def test_local_starts_its_own_broker_side() -> None:
     assert count(rows, ("device", "onboarding")) == 3
     assert count(rows, ("shadow", "update")) > 0
     assert rows[("", "Aggregated")]["Failure Count"] == "0"
+    # A run that went well leaves no folder behind.
+    found = re.search(r"local broker side on 127\.0\.0\.1:\d+ \((\S+)\)", proc.stdout)
+    assert found and not Path(found.group(1)).exists()
+    assert "kept" not in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("options", "why"),
+    [(["--keep"], ""), (["--fleet-template", "no-such-template"], "the run failed; ")],
+    ids=["asked", "failed"],
+)
+def test_local_keeps_its_folder_when_asked_or_when_the_run_failed(
+    options: list[str], why: str
+) -> None:
+    proc = fleet_locust("--local", "--headless", "-u", "1", "-r", "1", "-t", "2s", *options)
+    try:
+        assert proc.returncode == (1 if why else 0), proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert f"fleet-sim: {why}kept the broker side's folder" in proc.stdout
+        assert (kept_folder(proc.stdout) / "certs" / "ca.pem").is_file()
+    finally:
+        for folder in re.findall(r"kept the broker side's folder (\S+) ", proc.stdout):
+            shutil.rmtree(folder, ignore_errors=True)

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from simulator.metrics import Recorder, format_ms, percentile
+from simulator.metrics import STEP_ORDER, Recorder, format_ms, percentile, step_label
 from simulator.plots import write_plots
 
 T0 = 1_700_000_000.0
@@ -357,3 +357,12 @@ def test_the_first_message_of_each_error_kind_survives_drain_and_merge() -> None
     assert summary["error_messages"] == {
         "connect": {"TLS failure": "self-signed certificate (check ca)"}
     }
+
+
+def test_every_step_has_a_human_label() -> None:
+    """Tables and report.json's "label" name steps as the README does; keys stay snake_case."""
+    labels = {step: step_label(step) for step in STEP_ORDER}
+    assert all("_" not in label for label in labels.values()), labels
+    assert labels["connack"] == "CONNECT -> CONNACK"
+    assert labels["create_certificate"] == "CreateCertificateFromCsr"
+    assert step_label("some_new_step") == "some new step"
