@@ -412,3 +412,15 @@ def run_into_a_closed_pipe(argv: list[str]) -> subprocess.CompletedProcess[str]:
         )
     finally:
         os.close(write_end)
+
+
+def fleet_broker(fleet: Fleet, *args: str) -> subprocess.CompletedProcess[str]:
+    """``fleet-broker --dir <fleet's PKI> <args>`` as a real subprocess, to completion."""
+    return subprocess.run(
+        [sys.executable, "-m", "broker.cli", "--dir", str(fleet.pki.root), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )

@@ -6,8 +6,6 @@ these succeeded before the fix."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +15,7 @@ import pytest
 from agent import wire
 from broker import bootstrap
 from broker.registry import CertificateStatus, SharedClaim, ThingStatus
-from tests.fleet import REPO, Client, Credentials, Fleet, running_fleet
+from tests.fleet import Client, Credentials, Fleet, fleet_broker, running_fleet
 from tests.test_provisioning import CSR_TOPIC, TEMPLATE, Device, onboard
 
 NOT_AUTHORIZED = 0x87
@@ -43,17 +41,6 @@ def connect_as_thing(fleet: Fleet, device: Device, certificate: dict, thing: str
     client = fleet.client(creds, thing)
     assert client.accepted, client.connack
     return client
-
-
-def fleet_broker(fleet: Fleet, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "broker.cli", "--dir", str(fleet.pki.root), *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
 
 
 def shadow_version(fleet: Fleet, thing: str) -> int | None:

@@ -47,6 +47,7 @@ from tests.fleet import (
     Credentials,
     Fleet,
     agent_config,
+    fleet_broker,
     make_workdir,
     running_fleet,
     start_agent_daemon,
@@ -574,17 +575,6 @@ def devices_running(fleet: Fleet, serials: list[str], **kwargs: Any) -> Iterator
         for device in devices:
             assert "Traceback" not in device.err(), device.err()
     assert all(code in (0, None) for code in codes.values()), codes
-
-
-def fleet_broker(fleet: Fleet, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "broker.cli", "--dir", str(fleet.pki.root), *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
 
 
 class Up:
