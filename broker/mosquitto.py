@@ -217,7 +217,7 @@ def check_broker_can_reach(config: BrokerConfig) -> None:
     if user in (None, "root"):
         return
     pki = PkiPaths(config.pki_dir)
-    for needed in (pki.root, pki.registry.parent, config.run_dir):
+    for needed in (pki.root, pki.registry.parent, config.run_dir, Path(PLUGIN_LIBRARY).parent):
         blocked = untraversable(needed, user)
         if blocked is not None:
             folder, mode, owner = blocked
