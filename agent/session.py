@@ -297,10 +297,12 @@ async def open_tls(
             f"TLS handshake with {where} failed: {why}", peer_refused="alert" in why
         ) from None
     except OSError as exc:
+        # A reset without an alert refuses nothing: it is what a broker that is stopping or
+        # starting does (Mosquitto refuses a certificate with an alert; AWS IoT closes JITP's
+        # first connection), so it counts as transient.
         tls.close()
         raise TlsFailure(
-            f"{where} closed the connection during the TLS handshake: {describe_error(exc)}",
-            peer_refused=True,
+            f"{where} closed the connection during the TLS handshake: {describe_error(exc)}"
         ) from None
     except BaseException:
         tls.close()
@@ -699,7 +701,7 @@ class Session:
         self._closed.set_result(None)
         if not self._connack.done():
             detail = self._last_error or why
-            refused = "alert" in detail.lower() or "reset" in detail.lower()
+            refused = "alert" in detail.lower()  # a bare reset: see open_tls
             error: SessionError = (
                 TlsFailure(
                     f"{self.where} closed the TLS connection before CONNACK: {_tls_detail(detail)}",

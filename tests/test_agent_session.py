@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import socket
 import ssl
+import struct
+import threading
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -13,6 +16,7 @@ from typing import TypeVar
 import pytest
 
 from agent import wire
+from agent.runtime import classify
 from agent.keystore import generate_key
 from agent.onboarding import run_claim_flow
 from agent.provisioning import ClaimFlow, RetryPolicy, build_csr, create_certificate_request
@@ -230,6 +234,62 @@ def test_no_connack_is_a_timeout(fleet: Fleet) -> None:
 
     with pytest.raises(SessionTimeout, match="no CONNACK"):
         run(scenario)
+
+
+class ResettingServer:
+    """Accepts, lets the TLS handshake run until ``after`` ("hello": its first message;
+    "connect": a finished handshake and the MQTT CONNECT), then resets the TCP connection,
+    sending no alert: what a broker that is stopping or starting does."""
+
+    def __init__(self, fleet: Fleet, after: str) -> None:
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.context.load_cert_chain(str(fleet.pki.broker_cert), str(fleet.pki.broker_key))
+        self.after = after
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        try:
+            if self.after == "hello":
+                conn.recv(4096)
+            else:
+                conn = self.context.wrap_socket(conn, server_side=True)
+                conn.recv(4096)
+            # Linger 0: close() sends a RST instead of the TLS close_notify and FIN.
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        finally:
+            conn.close()
+            self.listener.close()
+
+
+@pytest.mark.parametrize("after", ["hello", "connect"])
+def test_a_reset_without_an_alert_is_not_a_refusal_of_the_certificate(
+    fleet: Fleet, after: str
+) -> None:
+    """A broker going down resets connections in the middle of their handshake; that must not
+    send the agent into the 60-900 s wait for a refused certificate (found by the faults
+    test that restarts the broker twice)."""
+    server = ResettingServer(fleet, after)
+
+    async def scenario() -> None:
+        await connect(
+            "127.0.0.1",
+            server.port,
+            client_id="x",
+            ca=fleet.pki.ca_cert,
+            cert=fleet.claim.cert,
+            key=fleet.claim.key,
+            timeout=5,
+        )
+
+    with pytest.raises((TlsFailure, ConnectionLost)) as raised:
+        run(scenario)
+    server.thread.join(5)
+    assert not getattr(raised.value, "peer_refused", False), raised.value
+    assert classify(raised.value) == "transient", raised.value
 
 
 # --------------------------------------------------------------- subscribe / request

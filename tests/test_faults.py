@@ -539,11 +539,19 @@ def assert_converged(
     handler's last finished run was that value. Records and returns the seconds since
     ``since``."""
     things = [d.thing for d in devices]
-    wait_until(
-        lambda: all(in_sync(shadow_state(fleet, t)) for t in things),
-        timeout=timeout,
-        what="every device reporting its desired state",
-    )
+    try:
+        wait_until(
+            lambda: all(in_sync(shadow_state(fleet, t)) for t in things),
+            timeout=timeout,
+            what="every device reporting its desired state",
+        )
+    except AssertionError:
+        behind = [d for d in devices if not in_sync(shadow_state(fleet, d.thing))]
+        for device in behind:
+            print(f"--- {device.thing}: {shadow_state(fleet, device.thing)}")
+            print(f"events: {device.events()[-6:]}")
+            print(device.err()[-6000:])
+        raise
     took = time.monotonic() - since
     for device in devices:
         state = shadow_state(fleet, device.thing)
