@@ -16,10 +16,10 @@ from typing import TypeVar
 import pytest
 
 from agent import wire
-from agent.runtime import classify
 from agent.keystore import generate_key
 from agent.onboarding import run_claim_flow
 from agent.provisioning import ClaimFlow, RetryPolicy, build_csr, create_certificate_request
+from agent.runtime import classify
 from agent.session import (
     BrokerUnreachable,
     ConnectionLost,
