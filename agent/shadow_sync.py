@@ -59,6 +59,8 @@ log = logging.getLogger("fleet.agent.shadow")
 
 #: Default bound of one shadow's queue of outgoing reports (encoded bytes).
 MAX_QUEUE_BYTES = 64 * 1024
+#: Seconds before an unanswered get is sent again (then 2x each time, within the timeout).
+GET_FIRST_WAIT = 1.0
 #: Default bound of one shadow's ``.rejected.jsonl`` before it is rotated to ``.1``.
 MAX_REJECTED_BYTES = 1024 * 1024
 
@@ -317,13 +319,35 @@ class ShadowSync:
         return bool(done)
 
     async def refresh(self) -> Document | None:
-        """get: the service's document, applied to the tracker (None: no shadow yet)."""
-        token = new_client_token()
-        self._gets[token] = self.tracker.version
-        try:
-            outcome = await self._request("get", {"clientToken": token})
-        finally:
-            self._gets.pop(token, None)
+        """get: the service's document, applied to the tracker (None: no shadow yet).
+
+        A get nobody answered was dropped (the broker keeps no request for a service that is
+        not subscribed yet, as right after a broker restart), and asking again is harmless: so
+        it is sent again after 1, 2, 4... s, a new token each time, within ``timeout``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        wait = GET_FIRST_WAIT
+        while True:
+            token = new_client_token()
+            self._gets[token] = self.tracker.version
+            try:
+                outcome = await self._request(
+                    "get", {"clientToken": token}, min(wait, deadline - loop.time())
+                )
+                break
+            except SessionTimeout:
+                if deadline - loop.time() <= 0.05:
+                    raise SessionTimeout(
+                        f"no reply to shadow get of {self.name} within {self.timeout:g} s"
+                    ) from None
+                log.info(
+                    "shadow %s: no reply to get in %g s (are the fleet services up?); asking again",
+                    self.name,
+                    wait,
+                )
+                wait *= 2
+            finally:
+                self._gets.pop(token, None)
         if isinstance(outcome, Rejection):
             if outcome.code == 404:
                 self.tracker.on_get_missing()
@@ -382,8 +406,9 @@ class ShadowSync:
             log.warning("shadow %s: %s; trying again on the next save", self.name, exc)
 
     async def _request(
-        self, operation: wire.ShadowOperation, document: Document
+        self, operation: wire.ShadowOperation, document: Document, timeout: float | None = None
     ) -> Document | Rejection:
+        timeout = self.timeout if timeout is None else timeout
         session = self._session
         if session is None:
             raise SessionError("not connected")
@@ -395,9 +420,9 @@ class ShadowSync:
             await session.publish(topic, wire.encode(document), timeout=self.timeout)
             return await wait_future(
                 future,
-                self.timeout,
+                timeout,
                 lambda: SessionTimeout(
-                    f"no reply to shadow {operation} of {self.name} within {self.timeout:g} s"
+                    f"no reply to shadow {operation} of {self.name} within {timeout:g} s"
                 ),
             )
         finally:

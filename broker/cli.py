@@ -249,6 +249,12 @@ def cmd_revoke(args: argparse.Namespace) -> int:
         )
         return EXIT_OK
     host, port = (args.endpoint, args.port) if args.endpoint else (state.host, state.port)
+    if args.endpoint is None:
+        # Reload before the kick: the kicked device reconnects at once, and its handshake must
+        # meet the new CRL (a "certificate revoked" alert stops an agent for good; the plugin's
+        # CONNECT refusal alone makes it wait and retry). Mosquitto takes the signal in its
+        # next loop turn, long before the kick's own connection is up.
+        os.kill(state.mosquitto_pid, signal.SIGHUP)
     try:
         client = _service_client(args, host, port, "revoke")
         payload = "\n".join(f"kick-certificate {r.id}" for r in revoked)
@@ -261,8 +267,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
             "within a second by itself"
         )
     if args.endpoint is None:
-        os.kill(state.mosquitto_pid, signal.SIGHUP)  # reload the CRL for new TLS handshakes
-        print(f"{kicked}; the broker is reloading the CRL")
+        print(f"told the broker to re-read the CRL (SIGHUP), then {kicked}")
     else:
         print(
             f"{kicked} at {host}:{port}; the registry refuses them from now on. That broker "
