@@ -552,7 +552,8 @@ def _shadow_via_daemon(
         wait = getattr(args, "wait", 10.0)
         answer = control.call(socket_path, request, timeout=max(30.0, wait + 5))
     except control.ControlError as exc:
-        raise Failure(f"running agent: {exc}", EXIT_TRANSIENT) from None
+        code = EXIT_FAILED if exc.permanent else EXIT_TRANSIENT
+        raise Failure(f"running agent: {exc}", code) from None
     if args.shadow_command == "get":
         return _print_shadow(answer.get("document"), shadow)
     return _report_outcome(

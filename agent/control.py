@@ -31,7 +31,13 @@ Operation = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
 class ControlError(Exception):
-    """The agent could not be asked, or said no; the message says why."""
+    """The agent could not be asked, or said no; the message says why. ``permanent``: asking
+    again cannot help until someone changes something (the request, the shadow's name, the
+    state folder), as opposed to an agent that is busy, not connected or not reachable."""
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 async def serve(path: Path, operations: dict[str, Operation]) -> asyncio.AbstractServer:
@@ -61,13 +67,12 @@ async def serve(path: Path, operations: dict[str, Operation]) -> asyncio.Abstrac
                     raise ValueError("not an object")
                 operation = operations.get(str(request.get("op")))
                 if operation is None:
-                    answer = {"ok": False, "error": f"unknown operation {request.get('op')!r}"}
-                else:
-                    answer = await operation(request)
+                    raise ControlError(f"unknown operation {request.get('op')!r}", permanent=True)
+                answer = await operation(request)
             except ValueError as exc:
-                answer = {"ok": False, "error": f"bad request: {exc}"}
+                answer = {"ok": False, "error": f"bad request: {exc}", "permanent": True}
             except ControlError as exc:
-                answer = {"ok": False, "error": str(exc)}
+                answer = {"ok": False, "error": str(exc), "permanent": exc.permanent}
             except QueueNotSaved as exc:
                 # A report: in the queue in memory and sent from there, but the state folder
                 # refused the write (full, read-only). Say so, naming the file and the cause,
@@ -77,6 +82,7 @@ async def serve(path: Path, operations: dict[str, Operation]) -> asyncio.Abstrac
                     "ok": False,
                     "error": f"{exc}; the report is sent from memory but not saved "
                     "(lost if the agent stops before it is sent)",
+                    "permanent": True,  # until the state folder takes writes again
                 }
             writer.write(json.dumps(answer).encode() + b"\n")
             await writer.drain()
@@ -125,5 +131,7 @@ def call(path: Path, request: dict[str, Any], timeout: float = 30.0) -> dict[str
     if not isinstance(answer, dict):
         raise ControlError("the running agent gave an unexpected answer")
     if not answer.get("ok"):
-        raise ControlError(str(answer.get("error", "refused")))
+        raise ControlError(
+            str(answer.get("error", "refused")), permanent=answer.get("permanent") is True
+        )
     return answer

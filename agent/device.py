@@ -140,7 +140,7 @@ def control_operations(runtime: DeviceRuntime) -> dict[str, control.Operation]:
         try:
             return runtime.sync(request.get("shadow"))
         except KeyError as exc:
-            raise control.ControlError(str(exc.args[0])) from None
+            raise control.ControlError(str(exc.args[0]), permanent=True) from None
 
     async def status(_: dict[str, Any]) -> dict[str, Any]:
         return {"ok": True, "status": runtime.status()}
@@ -162,7 +162,7 @@ def control_operations(runtime: DeviceRuntime) -> dict[str, control.Operation]:
         sync = sync_of(request)
         patch = request.get("patch")
         if not isinstance(patch, dict) or not patch:
-            raise control.ControlError("report needs a non-empty patch object")
+            raise control.ControlError("report needs a non-empty patch object", permanent=True)
         rejected_before = len(sync.rejections)
         try:
             changed = await sync.report(patch)

@@ -224,18 +224,27 @@ class Keystore:
             ) from None
         if not stat.S_ISDIR(info.st_mode):
             raise KeystoreError(f"state folder {self.root} exists and is not a folder")
-        if stat.S_IMODE(info.st_mode) != 0o700:
-            if info.st_uid != os.geteuid():
-                raise KeystoreError(
-                    f"state folder {self.root} is mode {stat.S_IMODE(info.st_mode):o} and "
-                    f"owned by another user; run: chown $(id -u) {self.root} && chmod 700 "
-                    f"{self.root}"
-                )
-            os.chmod(self.root, 0o700)
-        for leftover in self._temporaries():
-            with contextlib.suppress(OSError):
-                leftover.unlink()
-        self._recover_renewal()
+        if stat.S_IMODE(info.st_mode) != 0o700 and info.st_uid != os.geteuid():
+            raise KeystoreError(
+                f"state folder {self.root} is mode {stat.S_IMODE(info.st_mode):o} and "
+                f"owned by another user; run: chown $(id -u) {self.root} && chmod 700 "
+                f"{self.root}"
+            )
+        try:
+            if stat.S_IMODE(info.st_mode) != 0o700:
+                os.chmod(self.root, 0o700)
+            for leftover in self._temporaries():
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
+            self._recover_renewal()
+        except OSError as exc:
+            # Read-only (a remount after disk errors, a read-only image), full, or a file
+            # in there we may not replace: the agent cannot keep its state, so say where.
+            raise KeystoreError(
+                f"the state folder {self.root} refuses writes ({exc.strerror or exc}); the "
+                "agent keeps its report queue, lock and renewed certificates there: make it "
+                "writable (read-write mount, free space, owner) and start again"
+            ) from None
 
     def _recover_renewal(self) -> None:
         """Finish a switch a crash interrupted; drop a staging a crash left incomplete."""

@@ -981,6 +981,7 @@ def test_the_control_socket_passes_back_a_queue_that_was_not_saved() -> None:
         finally:
             server.close()
             await server.wait_closed()
+        assert caught.value.permanent  # asking again cannot help: exit 1, not 3
         return str(caught.value)
 
     message = asyncio.run(main(make_workdir() / "agent.sock"))
@@ -1010,7 +1011,7 @@ def test_a_report_the_agent_cannot_save_names_the_file_and_is_sent_from_memory()
             finally:
                 shadows.unlink()
                 aside.rename(shadows)
-            assert proc.returncode != 0
+            assert proc.returncode == 1, proc.stderr  # permanent until the folder is fixed
             lines = proc.stderr.strip().splitlines()
             assert len(lines) == 1, proc.stderr
             assert f"cannot write the report queue {shadows / 'classic.pending.json'}" in lines[0]
@@ -1021,3 +1022,57 @@ def test_a_report_the_agent_cannot_save_names_the_file_and_is_sent_from_memory()
             code, err = stop_daemon(daemon)
         assert code == 0, err
         assert "control request failed" not in err  # no traceback in the agent's log either
+
+
+@contextlib.contextmanager
+def read_only(folder: Path) -> Iterator[None]:
+    """``folder`` remounted read-only in place (a bind mount), as after a disk error."""
+    bind = subprocess.run(["mount", "--bind", str(folder), str(folder)], capture_output=True)
+    if bind.returncode != 0:
+        pytest.skip(f"cannot bind-mount here: {bind.stderr.decode().strip()}")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)], check=True)
+        yield
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_read_only_state_folder_is_named_in_one_line_by_every_command() -> None:
+    """F5: the state folder remounted read-only. Commands that need it say so in one line,
+    with the folder, the cause and the fix, and a permanent exit code (it used to be
+    "internal error (OSError)", exit 70); `status` still reads it."""
+    with running_fleet(services=True) as fleet:
+        config = agent_config(fleet, "SN-RO")
+        daemon = start_agent_daemon(config)
+        try:
+            thing_of(config)
+            wait_until(lambda: runtime_state(config) == "connected", what="connected")
+        finally:
+            stop_daemon(daemon)
+        state = config.parent / "state"
+        with read_only(state):
+            for command in (["run"], ["shadow", "report", "probe=1"], ["connect"]):
+                proc = subprocess.run(
+                    [sys.executable, "-m", "agent.cli", *command, "--config", str(config)],
+                    cwd=REPO,
+                    env=AGENT_ENV,
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
+                assert proc.returncode == 2, (command, proc.stderr)
+                assert proc.stderr.strip().splitlines() == [
+                    f"fleet-agent: the state folder {state} refuses writes (Read-only file "
+                    "system); the agent keeps its report queue, lock and renewed certificates "
+                    "there: make it writable (read-write mount, free space, owner) and start "
+                    "again"
+                ], (command, proc.stderr)
+            status = subprocess.run(
+                [sys.executable, "-m", "agent.cli", "status", "--config", str(config)],
+                cwd=REPO,
+                env=AGENT_ENV,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert status.returncode == 0 and "not running" in status.stdout, status
