@@ -287,94 +287,108 @@ class Operator:
 
 def run_fleet(scenario: Scenario, output: Path, console: Console) -> dict[str, Any]:
     output.mkdir(parents=True, exist_ok=True)
-    interrupted = False
-    with broker_side(scenario, output, console) as broker:
-        claim_files: list[tuple[Path, Path]] = [broker["claim"]]
-        if scenario.claim == "per-device":
-            console.print(f"issuing {scenario.devices} claim certificates …")
-            claim_files = bootstrap.issue_claims(
-                broker["pki"].root, name="fleet-sim", count=scenario.devices
-            )
-        target = Target(
-            broker["endpoint"],
-            broker["port"],
-            Path(broker["ca_file"]),
-            template=scenario.template,
-            timeout=scenario.timeout,
+    # Ctrl-C (and SIGTERM, which does what Ctrl-C does: simulator/cli.py) stops the fleet at
+    # the next tick of the clock; a second one abandons the graceful stop. From the start:
+    # one during the broker side's start-up lets it finish, then stops with a report.
+    interrupt = _Interrupt()
+    previous = signal.signal(signal.SIGINT, interrupt.handler)
+    try:
+        with broker_side(scenario, output, console) as broker:
+            report = _run_against(scenario, output, console, broker, interrupt)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    (output / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    return report
+
+
+def _run_against(
+    scenario: Scenario,
+    output: Path,
+    console: Console,
+    broker: dict[str, Any],
+    interrupt: _Interrupt,
+) -> dict[str, Any]:
+    """The fleet against ``broker``, the report and its plots (unwritten: the caller)."""
+    claim_files: list[tuple[Path, Path]] = [broker["claim"]]
+    if scenario.claim == "per-device" and not interrupt.requested.is_set():
+        console.print(f"issuing {scenario.devices} claim certificates …")
+        claim_files = bootstrap.issue_claims(
+            broker["pki"].root, name="fleet-sim", count=scenario.devices
         )
-        # Every worker starts the same clock; spawned processes need about a second to start.
-        ceiling: tuple[float, float] | None = None
-        started = time.time() + 1.0
-        if scenario.ceiling_seconds:
-            ceiling = (time.time() + 2.0, time.time() + 2.0 + scenario.ceiling_seconds)
-            started = ceiling[1] + 0.5  # the last bare connects end before the first device
-        state = FleetState(Recorder(ceiling[0] if ceiling else started))
-        lock = threading.Lock()
-        operator = Operator(broker["pki"], broker["port"], state, lock) if broker["pki"] else None
-        context = multiprocessing.get_context("spawn")
-        out = context.Queue()
-        stop, storm = context.Event(), context.Event()
-        workers = scenario.worker_count
-        processes = [
-            context.Process(
-                target=worker_main,
-                args=(
-                    WorkerPlan(i, workers, scenario, target, started, tuple(claim_files), ceiling),
+    target = Target(
+        broker["endpoint"],
+        broker["port"],
+        Path(broker["ca_file"]),
+        template=scenario.template,
+        timeout=scenario.timeout,
+    )
+    # Every worker starts the same clock; spawned processes need about a second to start.
+    ceiling: tuple[float, float] | None = None
+    started = time.time() + 1.0
+    if scenario.ceiling_seconds:
+        ceiling = (time.time() + 2.0, time.time() + 2.0 + scenario.ceiling_seconds)
+        started = ceiling[1] + 0.5  # the last bare connects end before the first device
+    state = FleetState(Recorder(ceiling[0] if ceiling else started))
+    lock = threading.Lock()
+    operator = Operator(broker["pki"], broker["port"], state, lock) if broker["pki"] else None
+    context = multiprocessing.get_context("spawn")
+    out = context.Queue()
+    stop, storm = context.Event(), context.Event()
+    workers = scenario.worker_count
+    processes = [
+        context.Process(
+            target=worker_main,
+            args=(
+                WorkerPlan(i, workers, scenario, target, started, tuple(claim_files), ceiling),
+                out,
+                stop,
+                storm,
+            ),
+            name=f"fleet-sim-worker-{i}",
+        )
+        for i in range(workers)
+    ]
+    clock = progress.Progress(scenario, started, ceiling)
+    interrupted = interrupt.requested.is_set()  # during the broker side's start-up
+    try:
+        if not interrupted:
+            for process in processes:
+                process.start()
+            with progress.display(console) as screen:
+
+                def show(phase: str) -> None:
+                    screen.update(phase, lambda age: _snapshot(clock, state, phase, age))
+
+                interrupted = _drive(
+                    scenario,
+                    state,
+                    lock,
                     out,
                     stop,
                     storm,
-                ),
-                name=f"fleet-sim-worker-{i}",
-            )
-            for i in range(workers)
-        ]
-        # Ctrl-C (and SIGTERM, which does what Ctrl-C does: simulator/cli.py) stops the fleet
-        # at the next tick of the clock; a second one abandons the graceful stop.
-        interrupt = _Interrupt()
-        previous = signal.signal(signal.SIGINT, interrupt.handler)
-        clock = progress.Progress(scenario, started, ceiling)
-        try:
-            try:
-                for process in processes:
-                    process.start()
-                with progress.display(console) as screen:
-
-                    def show(phase: str) -> None:
-                        screen.update(phase, lambda age: _snapshot(clock, state, phase, age))
-
-                    interrupted = _drive(
-                        scenario,
-                        state,
-                        lock,
-                        out,
-                        stop,
-                        storm,
-                        operator,
-                        clock,
-                        show,
-                        processes,
-                        interrupt,
-                    )
-                    show("interrupted" if interrupted else "stopping")
-            finally:
-                stop.set()
-                _collect_until_done(state, lock, out, processes)
-                for process in processes:
-                    if process.pid is None:
-                        continue  # never started
-                    process.join(timeout=30)
-                    if process.is_alive():
-                        process.kill()
-                        process.join()
-                if operator is not None:
-                    operator.close()
-        finally:
-            signal.signal(signal.SIGINT, previous)
+                    operator,
+                    clock,
+                    show,
+                    processes,
+                    interrupt,
+                )
+                show("interrupted" if interrupted else "stopping")
+    finally:
+        stop.set()
+        _collect_until_done(state, lock, out, processes)
+        for process in processes:
+            if process.pid is None:
+                continue  # never started
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        if operator is not None:
+            operator.close()
     report = _report(scenario, state, started, interrupted, operator, workers)
     if ceiling is not None:
         report["ceiling"] = _ceiling(scenario, state, report["steps"])
     report = _self_describing(report, broker, started)
-    (output / "report.json").write_text(json.dumps(report, indent=2, default=str))
     title = f"fleet-sim: {scenario.devices} devices at {scenario.rate:g}/s"
     written = write_plots(state.recorder.timeline(), output, title, _phases(state))
     report["plots"] = [str(p) for p in written]

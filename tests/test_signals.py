@@ -276,6 +276,29 @@ def test_sigterm_stops_a_run_which_still_writes_its_report(
         shutil.rmtree(out.parent, ignore_errors=True)
 
 
+def test_sigterm_while_the_broker_side_starts_still_ends_with_a_report(
+    run_command: Callable[..., Command],
+) -> None:
+    """SIGTERM as soon as `run` starts its local broker side: it lets that start finish,
+    starts no device, stops it, and writes a report that says it was interrupted."""
+    folder = make_workdir()
+    out = folder / "report"
+    run = run_command(*RUN, *RUN_OPTIONS, "--out", str(out))
+    found = run.wait_output(r"local broker side on 127\.0\.0\.1:(\d+) \(throw-away PKI in (\S+),")
+    try:
+        run.signal(signal.SIGTERM)
+        assert run.exit_code() == SIGTERM_EXIT, run.stdout[-3000:] + run.stderr
+        assert_no_traceback(run)
+        assert run.wait_children_gone(timeout=5) == [], kinds(run)
+        report = json.loads((out / "report.json").read_text())
+        assert report["interrupted"] is True
+        assert report["devices"]["onboarded"] == 0, report["devices"]
+        assert port_free(int(found.group(1)))
+        assert not Path(found.group(2)).exists()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 LOCUST = ("simulator.cli", "locust", "--local", "--headless", "-u", "3", "-r", "3", "-t", "60s")
 
 
