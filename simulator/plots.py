@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from simulator.metrics import step_label
+
 # Plotted on the second axis of rates.png: the level that explains the rates.
 CONNECTED_GAUGE = "devices_connected"
 #: Axis labels for the gauges a run records; others are shown with spaces for underscores.
@@ -51,9 +53,13 @@ def write_plots(
     written: list[Path] = []
 
     def save(fig: Figure, name: str, what: str) -> None:
-        fig.suptitle(f"{title}: {what}" if title else what)
+        heading = f"{title}: {what}" if title else what
+        fig.suptitle(heading)
         path = folder / name
-        fig.savefig(path, format="png", dpi=100)
+        # The series named in the PNG's text too: for a reader without the picture.
+        series = [text.get_text() for legend in fig.legends for text in legend.get_texts()]
+        metadata = {"Title": heading, "Description": "series: " + "; ".join(series)}
+        fig.savefig(path, format="png", dpi=100, metadata=metadata)
         written.append(path)
 
     rated = {s: v["per_s"] for s, v in steps.items() if any(v["per_s"])}
@@ -64,7 +70,7 @@ def write_plots(
         ax = fig.add_subplot()
         _bands(ax, phases)
         for step, rates in rated.items():
-            ax.plot(t, rates, label=step, linewidth=1.2, **_style(rates, colours[step]))
+            ax.plot(t, rates, label=step_label(step), linewidth=1.2, **_style(rates, colours[step]))
         if any(errors):
             ax.plot(t, errors, label="errors (all steps)", color="red", linestyle=":")
         ax.set_xlabel("seconds since start")
@@ -73,8 +79,9 @@ def write_plots(
         handles, labels = ax.get_legend_handles_labels()
         if connected:
             right = ax.twinx()
-            right.plot(t, _nan(connected), label=CONNECTED_GAUGE, color="black", linewidth=2)
-            right.set_ylabel(CONNECTED_GAUGE)
+            gauge = GAUGE_LABELS[CONNECTED_GAUGE]
+            right.plot(t, _nan(connected), label=gauge, color="black", linewidth=2)
+            right.set_ylabel(gauge)
             more = right.get_legend_handles_labels()
             handles, labels = handles + more[0], labels + more[1]
         # Outside the axes: with a dozen steps an inside legend hides the lines.
@@ -88,8 +95,8 @@ def write_plots(
         _bands(ax, phases)
         for step, v in timed.items():
             style = _style(v["p50_ms"], colours[step])
-            ax.plot(t, _nan(v["p50_ms"]), label=f"{step} p50", **style)
-            ax.plot(t, _nan(v["p99_ms"]), label=f"{step} p99", ls="--", **style)
+            ax.plot(t, _nan(v["p50_ms"]), label=f"{step_label(step)} p50", **style)
+            ax.plot(t, _nan(v["p99_ms"]), label=f"{step_label(step)} p99", ls="--", **style)
         ax.set_yscale("log")
         ax.set_xlabel("seconds since start")
         ax.set_ylabel("ms (p50 solid, p99 dashed)")

@@ -307,6 +307,20 @@ def test_write_plots_writes_pngs(tmp_path: Path) -> None:
         assert path.read_bytes()[:8] == PNG_SIGNATURE
 
 
+def test_the_plots_name_their_series_in_words(tmp_path: Path) -> None:
+    """The legends use the steps' labels (the tables' words), not the report's keys."""
+    from PIL import Image
+
+    rates, latency, _ = write_plots(roundtrip(small_timeline()), tmp_path)
+    with Image.open(rates) as png:
+        described = png.text["Description"]
+    assert "whole onboarding" in described and "devices connected (simulator)" in described
+    with Image.open(latency) as png:
+        described = png.text["Description"]
+    assert "shadow update round trip p99" in described
+    assert "_" not in described, described
+
+
 def test_write_plots_skips_what_has_no_data(tmp_path: Path) -> None:
     assert write_plots(Recorder(T0).timeline(), tmp_path) == []
     rec = Recorder(T0)
