@@ -19,8 +19,15 @@ import time
 from collections.abc import Sequence
 from typing import Final
 
-from agent import control, distribution_version, logs, wire
-from agent.config import DEFAULT_CONFIG, AgentConfig, ConfigError, claim_file_problems, load_config
+from agent import config_show, control, distribution_version, logs, wire
+from agent.config import (
+    DEFAULT_CONFIG,
+    AgentConfig,
+    ConfigError,
+    claim_file_problems,
+    effective_settings,
+    load_config,
+)
 from agent.device import (
     Device,
     SetupError,
@@ -137,6 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     config_commands = config.add_subparsers(dest="config_command", metavar="ACTION")
     config_commands.required = True
     _common(config_commands.add_parser("check", help="validate agent.toml and the state folder"))
+    _common(
+        config_commands.add_parser(
+            "show",
+            help="print every setting in use, defaults and --set included, as agent.toml",
+            description="Print the settings the agent uses, as TOML it reads back: the "
+            "file's values, --set overrides applied, and every default marked '# default'.",
+        )
+    )
     cert = commands.add_parser(
         "cert",
         help="show the device certificate: thing, id, subject, issuer, validity, key",
@@ -628,6 +643,20 @@ def _shadow_one_shot(
         ) from None
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.config_command == "show":
+        return cmd_config_show(args)
+    return cmd_config_check(args)
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    _load(args)  # every problem first, one line each, as `config check` says them
+    values, defaults = effective_settings(args.config, args.overrides)
+    print(f"# {args.config} as fleet-agent {distribution_version()} reads it")
+    print(config_show.render(values, defaults), end="")
+    return EXIT_OK
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
     config, keystore = _load(args)
     provisioned = _provisioned(keystore, create=False)
@@ -763,7 +792,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "run": cmd_run,
         "shadow": cmd_shadow,
         "status": cmd_status,
-        "config": cmd_config_check,
+        "config": cmd_config,
         "renew": cmd_renew,
         "connect": cmd_connect,
         "cert": cmd_cert,

@@ -264,6 +264,26 @@ def load_config(
     already provisioned may have removed them).
     """
     path = Path(path)
+    values, _, problems = _resolve(path, overrides)
+    return _build(path, values, problems, check_claim_files=check_claim_files)
+
+
+def effective_settings(
+    path: Path, overrides: Sequence[str] = ()
+) -> tuple[dict[str, dict[str, Any]], set[tuple[str, str]]]:
+    """Every setting as the agent uses it, ``overrides`` applied, and which (section, key)
+    pairs are defaults (not in the file or the overrides). Call ``load_config`` first: this
+    does not validate."""
+    values, given, _ = _resolve(Path(path), overrides)
+    defaults = {(section, key) for section, spec in SCHEMA.items() for key in spec}
+    return values, defaults - given
+
+
+def _resolve(
+    path: Path, overrides: Sequence[str]
+) -> tuple[dict[str, dict[str, Any]], set[tuple[str, str]], list[str]]:
+    """The file read and overridden: each section's keys (defaults filled in), the keys
+    given, and the problems of shape (unknown, missing, wrong type)."""
     try:
         document: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -277,6 +297,7 @@ def load_config(
 
     problems = apply_overrides(document, overrides)
     values: dict[str, dict[str, Any]] = {}
+    given_keys: set[tuple[str, str]] = set()
     for section, value in document.items():
         if section not in SCHEMA:
             problems.append(f"{path}: unknown section [{section}] ({_known(SCHEMA)})")
@@ -304,8 +325,19 @@ def load_config(
                 resolved[key] = default
                 continue
             resolved[key] = value
+            given_keys.add((section, key))
         values[section] = resolved
+    return values, given_keys, problems
 
+
+def _build(
+    path: Path,
+    values: dict[str, dict[str, Any]],
+    problems: list[str],
+    *,
+    check_claim_files: bool,
+) -> AgentConfig:
+    """Check the values against each other and the file system; the config or ConfigError."""
     base = path.parent
 
     def as_path(value: object) -> Path | None:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import stat
 from pathlib import Path
 
 import pytest
+import tomllib
 from cryptography.hazmat.primitives import serialization
 
 from agent.config import ConfigError, load_config
+from agent.config_show import toml_value
 from agent.keystore import DEFAULT_STATE_DIR
 from broker.pki import (
     CertificateAuthority,
@@ -324,3 +327,39 @@ def test_output_piped_into_a_closed_reader_is_no_error(folder: Path) -> None:
     )
     assert "internal error" not in result.stderr and "Traceback" not in result.stderr
     assert result.returncode == 0, result.stderr
+
+
+def test_config_show_prints_toml_that_reads_back_to_the_same_settings(folder: Path) -> None:
+    """`config show`: the file, --set applied and every default, as agent.toml; read back
+    from the same folder it is the same configuration."""
+    text = MINIMAL + '[provisioning.parameters]\nSerialNumber = "SN-1"\n"odd key" = "v\\u007f"\n'
+    config = write(folder, text)
+    overrides = ("shadow.report_interval=60", f"agent.state_dir={folder / 'state'}")
+    proc = fleet_agent(
+        "config", "show", "--config", str(config), *(f"--set={o}" for o in overrides)
+    )
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert "port = 8883  # default" in proc.stdout
+    assert "report_interval = 60.0\n" in proc.stdout  # --set: not a default
+    assert 'endpoint = "broker.example.com"\n' in proc.stdout
+    shown = folder / "shown.toml"
+    shown.write_text(proc.stdout)
+    original = load_config(config, overrides, check_claim_files=False)
+    again = load_config(shown, check_claim_files=False)
+    assert dataclasses.replace(again, path=config) == original
+
+
+def test_config_show_names_every_problem_like_config_check(folder: Path) -> None:
+    config = write(folder, MINIMAL.replace('endpoint = "broker.example.com"', "endpoint = 7"))
+    proc = fleet_agent("config", "show", "--config", str(config))
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        f"fleet-agent: {config}: broker.endpoint must be a string, got 7"
+    ]
+
+
+@pytest.mark.parametrize(
+    "value", ["plain", 'quo"te', "back\\slash", "tab\there", "new\nline", "del\x7f", "é€😀"]
+)
+def test_strings_are_rendered_as_toml_that_reads_back(value: str) -> None:
+    assert tomllib.loads(f"k = {toml_value(value)}")["k"] == value
