@@ -42,7 +42,8 @@ from agent.session import (
     connect,
     tls_context,
 )
-from agent.shadow import Document, ReportQueueFull, merge
+from agent.shadow import Document, ReportQueueFull
+from agent.shadow_rules import merge
 from agent.shadow_sync import QueueNotSaved, ShadowRejected, ShadowSync
 
 log = logging.getLogger("fleet.agent.runtime")

@@ -1,6 +1,7 @@
 """The device's half of the Device Shadow rules: pure logic, no I/O.
 
-- `merge`: AWS's update merge, applied locally to keep the device's view of ``reported``.
+- `merge`, `equal`, `delta` (from agent/shadow_rules.py, the one home of the document rules the
+  service uses too): the update merge, applied locally to keep the device's view of ``reported``.
 - `compose`: one update equivalent to two in a row (None when MQTT cannot express it in one),
   which is what lets reports made while offline go out as a single update on reconnect.
 - `ReportQueue`: the outgoing reports, composed as far as the merge rules allow, optionally
@@ -8,8 +9,7 @@
 - `ShadowTracker`: the versions seen (stale messages dropped, as the API asks clients to do),
   the desired keys already handed to the handlers, and the requests and reports to send.
 
-Values compare the way the service compares them: numbers numerically (1 == 1.0, but a bool is
-never a number), objects key by key, arrays whole.
+Values compare the way the service compares them, with its own `equal`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
+
+from agent.shadow_rules import delta, equal, merge
 
 Document = dict[str, Any]
 
@@ -48,44 +50,10 @@ class ReportQueueFull(Exception):
 # ----------------------------------------------------------------------------- values
 
 
-def same_value(a: object, b: object) -> bool:
-    """Equality as the delta computation sees it."""
-    if isinstance(a, bool) or isinstance(b, bool):
-        return type(a) is type(b) and a == b
-    if isinstance(a, int | float) and isinstance(b, int | float):
-        return a == b
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b, strict=True))
-    return type(a) is type(b) and a == b
-
-
 def _without_nulls(value: object) -> object:
     if isinstance(value, dict):
         return {k: _without_nulls(v) for k, v in value.items() if v is not None}
     return value
-
-
-def merge(base: Mapping[str, Any] | None, patch: Mapping[str, Any]) -> Document:
-    """``base`` after an update of ``patch``: objects merge recursively, ``null`` deletes a key,
-    an object left empty is removed (as the service does: broker/shadow.py ``_merge``; a
-    differential test holds the two together), anything else (arrays included) replaces.
-    ``base`` is not modified."""
-    result: Document = dict(base or {})
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        elif isinstance(value, dict):
-            current = result.get(key)
-            merged = merge(current if isinstance(current, dict) else None, value)
-            if merged:
-                result[key] = merged
-            else:
-                result.pop(key, None)
-        else:
-            result[key] = value
-    return result
 
 
 def compose(first: Mapping[str, Any], second: Mapping[str, Any]) -> Document | None:
@@ -123,25 +91,9 @@ def changes(patch: Mapping[str, Any], known: Mapping[str, Any]) -> Document:
         elif isinstance(value, dict):
             if key in known or _without_nulls(value):
                 result[key] = value
-        elif key not in known or not same_value(value, known[key]):
+        elif key not in known or not equal(value, known[key]):
             result[key] = value
     return result
-
-
-def delta_of(desired: Mapping[str, Any], reported: Mapping[str, Any]) -> Document:
-    """The service's delta: every desired key whose reported value differs (objects compared
-    key by key, keys only in ``reported`` ignored)."""
-    delta: Document = {}
-    for key, wanted in desired.items():
-        if key not in reported or reported[key] is None:
-            delta[key] = wanted
-        elif isinstance(wanted, dict) and isinstance(reported[key], dict):
-            inner = delta_of(wanted, reported[key])
-            if inner:
-                delta[key] = inner
-        elif not same_value(wanted, reported[key]):
-            delta[key] = wanted
-    return delta
 
 
 def new_client_token(prefix: str = "fa") -> str:
@@ -337,7 +289,7 @@ class ShadowTracker:
                 {} if section is None else merge(self.reported, _object(section, "reported"))
             )
         # No delta message follows an update that brings the two in sync: work it out here.
-        self.delta = delta_of(self.desired, self.reported)
+        self.delta = delta(self.desired, self.reported) or {}
         self._forget_settled()
 
     def on_delta(self, document: object) -> Document | None:
@@ -373,7 +325,7 @@ class ShadowTracker:
         fresh = {
             key: value
             for key, value in delta.items()
-            if key not in self.attempted or not same_value(self.attempted[key], value)
+            if key not in self.attempted or not equal(self.attempted[key], value)
         }
         self.attempted.update(fresh)
         return fresh

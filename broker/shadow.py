@@ -49,6 +49,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent import shadow_rules as rules
 from agent import wire
 
 JSONObject = dict[str, Any]
@@ -296,37 +297,6 @@ def _version(request: JSONObject) -> int | None:
 # --------------------------------------------------------------------------------- merge
 
 
-def _merge(
-    base: JSONObject | None, base_meta: JSONObject | None, patch: JSONObject, stamp: JSONObject
-) -> tuple[JSONObject, JSONObject]:
-    """Copy-on-write merge of ``patch`` into ``base`` and of its timestamps into ``base_meta``."""
-    out = dict(base) if base else {}
-    meta = dict(base_meta) if base_meta else {}
-    for key, value in patch.items():
-        if value is None:
-            out.pop(key, None)
-            meta.pop(key, None)
-        elif type(value) is dict:
-            current = out.get(key)
-            if type(current) is dict:
-                current_meta = meta.get(key)
-                sub, sub_meta = _merge(
-                    current, current_meta if type(current_meta) is dict else None, value, stamp
-                )
-            else:
-                sub, sub_meta = _merge(None, None, value, stamp)
-            if sub:
-                out[key] = sub
-                meta[key] = sub_meta
-            else:
-                out.pop(key, None)
-                meta.pop(key, None)
-        else:
-            out[key] = value
-            meta[key] = stamp
-    return out, meta
-
-
 def _stamp_like(patch: JSONObject, stamp: JSONObject) -> JSONObject:
     return {
         key: _stamp_like(value, stamp) if type(value) is dict else stamp
@@ -340,72 +310,10 @@ def _state_bytes(state: JSONObject) -> int:
 
 # --------------------------------------------------------------------------------- delta
 
-_NUMBERS = (int, float)
-
-
-def _equal(a: Any, b: Any) -> bool:
-    """JSON equality: 1 == 1.0, but booleans are not numbers; arrays/objects deep."""
-    kind = type(a)
-    if kind is not type(b):
-        return kind in _NUMBERS and type(b) in _NUMBERS and a == b
-    if kind is dict:
-        return len(a) == len(b) and all(
-            key in b and _equal(value, b[key]) for key, value in a.items()
-        )
-    if kind is list:
-        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
-    return bool(a == b)
-
-
-def _delta(desired: JSONObject, reported: JSONObject) -> JSONObject | None:
-    delta: JSONObject | None = None
-    for key, want in desired.items():
-        if want is None:
-            continue
-        have = reported.get(key)
-        kind = type(want)
-        if kind is type(have):  # the hot path, with plain == where it is exact
-            if kind is dict:
-                sub = _delta(want, have)
-                if sub is not None:
-                    if delta is None:
-                        delta = {}
-                    delta[key] = sub
-                continue
-            if want == have if kind is not list else _equal(want, have):
-                continue
-        elif have is not None and kind in _NUMBERS and type(have) in _NUMBERS and want == have:
-            continue
-        # the whole desired value: desired-only key, changed scalar or array, other type
-        if delta is None:
-            delta = {}
-        delta[key] = want
-    return delta
-
-
-def _mirror(delta: JSONObject, desired: JSONObject, meta: JSONObject) -> JSONObject:
-    """The metadata of a delta: the desired timestamps, in the delta's shape."""
-    if delta is desired:
-        return meta
-    out: JSONObject = {}
-    for key, value in delta.items():
-        sub_meta = meta.get(key)
-        if sub_meta is None:
-            continue
-        if type(value) is dict and type(sub_meta) is dict:
-            out[key] = _mirror(value, desired[key], sub_meta)
-        else:
-            out[key] = sub_meta
-    return out
-
 
 def compute_delta(desired: JSONObject, reported: JSONObject) -> JSONObject:
-    """Desired keys out of sync with reported (objects recursively, arrays whole).
-
-    Keys only in reported never appear; a desired key missing (or null) in reported does.
-    Null desired values are skipped (they are deletions, not wishes).
-    """
-    return _delta(desired, reported) or {}
+    """Desired keys out of sync with reported (see agent.shadow_rules.delta), ``{}`` if none."""
+    return rules.delta(desired, reported) or {}
 
 
 def _document_delta(doc: ShadowDocument) -> JSONObject | None:
@@ -415,7 +323,7 @@ def _document_delta(doc: ShadowDocument) -> JSONObject | None:
     reported = doc.state.get(REPORTED)
     if not reported:
         return desired
-    return _delta(desired, reported)
+    return rules.delta(desired, reported)
 
 
 # ------------------------------------------------------------------------------ requests
@@ -506,7 +414,7 @@ def _update(
                 new_meta.pop(section, None)
                 accepted_meta[section] = stamp
                 continue
-            merged, merged_meta = _merge(
+            merged, merged_meta = rules.merge_with_metadata(
                 base_state.get(section), base_meta.get(section), patch, stamp
             )
             if merged:
@@ -534,7 +442,9 @@ def _update(
     if delta_state:
         delta = {
             "state": delta_state,
-            "metadata": _mirror(delta_state, new_state[DESIRED], new_meta.get(DESIRED) or {}),
+            "metadata": rules.mirror_metadata(
+                delta_state, new_state[DESIRED], new_meta.get(DESIRED) or {}
+            ),
             "version": new_version,
             "timestamp": now,
         }

@@ -22,11 +22,10 @@ from agent.shadow import (
     ShadowTracker,
     changes,
     compose,
-    merge,
     new_client_token,
-    same_value,
     update_request,
 )
+from agent.shadow_rules import equal, merge
 
 Doc = dict[str, Any]
 
@@ -104,8 +103,8 @@ def prune(value: object) -> object:
 )
 def test_same_value_equal(a: object, b: object) -> None:
     """Numbers compare numerically, objects key by key (any order), arrays element-wise."""
-    assert same_value(a, b)
-    assert same_value(b, a)
+    assert equal(a, b)
+    assert equal(b, a)
 
 
 @pytest.mark.parametrize(
@@ -129,8 +128,8 @@ def test_same_value_equal(a: object, b: object) -> None:
 )
 def test_same_value_different(a: object, b: object) -> None:
     """A bool is never a number; arrays are ordered and whole; types must match."""
-    assert not same_value(a, b)
-    assert not same_value(b, a)
+    assert not equal(a, b)
+    assert not equal(b, a)
 
 
 # --------------------------------------------------------------------------- merge
@@ -317,7 +316,7 @@ def test_changes_property_random() -> None:
         assert isinstance(known, dict)
         patch = random_patch(rng)
         delta = changes(patch, known)
-        assert same_value(prune(merge(known, delta)), prune(merge(known, patch))), (known, patch)
+        assert equal(prune(merge(known, delta)), prune(merge(known, patch))), (known, patch)
 
 
 # ---------------------------------------------------------------------- ReportQueue
