@@ -36,8 +36,9 @@ from agent.device import (
     renew_once,
     serve_device,
 )
+from agent.durable import remove_durably
 from agent.instance import AlreadyRunning, InstanceLock
-from agent.keystore import Keystore, KeystoreError, Provisioned, remove_durably
+from agent.keystore import Keystore, KeystoreError, Provisioned
 from agent.onboarding import ClaimSettings, OnboardingFailed, onboard, prove_certificate
 from agent.provisioning import RetryPolicy
 from agent.reconnect import Backoff

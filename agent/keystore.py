@@ -22,7 +22,6 @@ import datetime as dt
 import hashlib
 import json
 import os
-import secrets
 import stat
 import time
 from collections.abc import Iterator
@@ -34,6 +33,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from agent.durable import TEMP_PREFIX, fsync_folder, remove_durably, write_atomic
 from agent.provisioning import PrivateKey
 
 DEFAULT_STATE_DIR: Final = Path("/var/lib/fleet-agent")
@@ -42,7 +42,6 @@ CERT_FILE: Final = "device.pem"
 RECORD_FILE: Final = "provisioning.json"
 STAGED_SUFFIX: Final = ".next"
 COMMIT_MARKER: Final = "renewal.commit"
-_TEMP_PREFIX: Final = ".tmp-"
 
 KeyType = Literal["ec-p256", "ec-p384", "rsa-2048"]
 KEY_TYPES: Final[tuple[KeyType, ...]] = get_args(KeyType)
@@ -87,49 +86,6 @@ def key_mode_problem(path: Path, mode: int, *, what: str) -> str | None:
     if not mode & 0o077:
         return None
     return f"{what} {path} is mode {mode:03o}, readable by others; run: chmod 600 {path}"
-
-
-# ------------------------------------------------------------------------ atomic writes
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data`` atomically; the file has ``mode`` from its first byte."""
-    folder = path.parent
-    temporary = folder / f"{_TEMP_PREFIX}{path.name}.{secrets.token_hex(6)}"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    try:
-        try:
-            os.fchmod(fd, mode)  # the umask may have removed bits we asked for; never adds any
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
-    _fsync_dir(folder)
-
-
-def remove_durably(path: Path) -> bool:
-    """Unlink ``path`` (if present) and fsync its folder. True if something was removed."""
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        return False
-    _fsync_dir(path.parent)
-    return True
 
 
 # --------------------------------------------------------------------- the record
@@ -257,7 +213,7 @@ class Keystore:
     def _temporaries(self) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             for entry in self.root.iterdir():
-                if entry.name.startswith(_TEMP_PREFIX):
+                if entry.name.startswith(TEMP_PREFIX):
                     yield entry
 
     # ---------------------------------------------------------------- writes
@@ -349,7 +305,7 @@ class Keystore:
         for path in self._credential_paths:
             with contextlib.suppress(FileNotFoundError):
                 os.replace(self.staged_path(path), path)
-        _fsync_dir(self.root)
+        fsync_folder(self.root)
         remove_durably(self.root / COMMIT_MARKER)
 
     # ----------------------------------------------------------------- reads

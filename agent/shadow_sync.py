@@ -39,8 +39,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from agent import wire
+from agent.durable import write_atomic
 from agent.handlers import Applied, HandlerSet, Step
-from agent.keystore import write_atomic
 from agent.provisioning import RetryPolicy
 from agent.session import Message, Session, SessionError, SessionTimeout, wait_future
 from agent.shadow import (

@@ -240,8 +240,8 @@ def issue_claims(
             common_name = f"mqtt-fleet claim {name}" + (f" {index}" if count > 1 else "")
             cert = ca.issue(key.public_key(), common_name=common_name, days=days, purpose="client")
             # One folder fsync at the end instead of one per file: batches reach 100,000.
-            write_private_key(folder / key_name, key, sync_dir=False)
-            write_public_file(folder / cert_name, certificate_pem(cert), sync_dir=False)
+            write_private_key(folder / key_name, key, sync_folder=False)
+            write_public_file(folder / cert_name, certificate_pem(cert), sync_folder=False)
             certs.append(cert)
             written.append((folder / cert_name, folder / key_name))
         with open_registry(paths) as registry:

@@ -7,12 +7,9 @@ half-written credential, and private keys are 0600 from their first byte whateve
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hashlib
 import ipaddress
-import os
-import secrets
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +22,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from agent.durable import write_atomic
 
 # Keys this CA can sign with (SHA-256 works for both); new keys are always EC P-256.
 PrivateKey: TypeAlias = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
@@ -105,45 +104,6 @@ def utc_now() -> dt.datetime:
 # --- files ----------------------------------------------------------------------------------------
 
 
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(
-    path: Path, data: bytes, *, mode: int, owner_uid: int | None = None, sync_dir: bool = True
-) -> None:
-    """Replace `path` with `data` so that readers see the old file or the new one, never a part.
-
-    The temp file gets its mode (and owner) before the first byte is written, so a secret is never
-    readable by anyone else, not even for a moment. `sync_dir=False` lets a caller writing many
-    files into one folder fsync that folder once at the end.
-    """
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        try:
-            os.fchmod(fd, mode)  # the umask may have narrowed the mode given to os.open
-            if owner_uid is not None:
-                os.fchown(fd, owner_uid, -1)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
-    if sync_dir:
-        _fsync_directory(path.parent)
-
-
 def generate_private_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
@@ -157,10 +117,10 @@ def private_key_pem(key: PrivateKey) -> bytes:
 
 
 def write_private_key(
-    path: Path, key: PrivateKey, *, owner_uid: int | None = None, sync_dir: bool = True
+    path: Path, key: PrivateKey, *, owner_uid: int | None = None, sync_folder: bool = True
 ) -> None:
     """Write `key` unencrypted (PKCS8 PEM), mode 0600, optionally owned by `owner_uid`."""
-    atomic_write(path, private_key_pem(key), mode=0o600, owner_uid=owner_uid, sync_dir=sync_dir)
+    write_atomic(path, private_key_pem(key), 0o600, owner_uid=owner_uid, sync_folder=sync_folder)
 
 
 def write_public_file(
@@ -169,9 +129,9 @@ def write_public_file(
     *,
     mode: int = 0o644,
     owner_uid: int | None = None,
-    sync_dir: bool = True,
+    sync_folder: bool = True,
 ) -> None:
-    atomic_write(path, data, mode=mode, owner_uid=owner_uid, sync_dir=sync_dir)
+    write_atomic(path, data, mode, owner_uid=owner_uid, sync_folder=sync_folder)
 
 
 def certificate_pem(cert: x509.Certificate) -> bytes:

@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from agent import wire
+from agent.durable import write_atomic
 from broker.config import BrokerConfig, ConfigError, load_config
 from broker.hooks import HookConfigError, load_hooks
 from broker.identity import Request, sender_of
@@ -287,9 +288,7 @@ def install_shadow(services: FleetServices, registry: SQLiteRegistry) -> None:
 
 
 def _write_ready(path: Path) -> None:
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps({"pid": os.getpid(), "since": time.time()}))
-    os.replace(temporary, path)
+    write_atomic(path, json.dumps({"pid": os.getpid(), "since": time.time()}).encode(), 0o644)
 
 
 def main(argv: list[str] | None = None) -> int:

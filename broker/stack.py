@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent import wire
+from agent.durable import write_atomic
 from broker import bootstrap, children
 from broker.config import BrokerConfig
 from broker.mosquitto import (
@@ -64,9 +65,7 @@ class RunningState:
             return None
 
     def write(self, files: RunFiles) -> None:
-        temporary = files.state.with_suffix(".tmp")
-        temporary.write_text(json.dumps(self.__dict__))
-        os.replace(temporary, files.state)
+        write_atomic(files.state, json.dumps(self.__dict__).encode(), 0o644)
 
 
 def pid_alive(pid: int) -> bool:

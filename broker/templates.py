@@ -16,17 +16,15 @@ pseudo-parameter ``AWS::IoT::Certificate::Id`` and the intrinsics ``Ref``, ``Fn:
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from agent import wire
+from agent.durable import write_atomic
 from broker.rejection import Rejection, invalid_parameters
 
 TEMPLATE_NAME_RE = re.compile(r"^[0-9A-Za-z_-]{1,36}$")
@@ -168,34 +166,8 @@ def write_default_template(folder: Path) -> Path:
     if path.exists():
         return path
     text = json.dumps(DEFAULT_TEMPLATE, indent=2) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{DEFAULT_TEMPLATE_NAME}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)
-        try:
-            os.link(tmp, path)  # atomic, and never replaces a file written meanwhile
-        except FileExistsError:
-            pass
-        except OSError:  # a filesystem without hard links
-            os.replace(tmp, path)
-        _fsync_folder(folder)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    write_atomic(path, text.encode(), 0o644, replace=False)  # never over one written meanwhile
     return path
-
-
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # not supported everywhere; the file itself is already synced
-        pass
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------

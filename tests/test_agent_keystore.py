@@ -13,6 +13,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from agent import durable
 from agent import keystore as ks
 from agent.keystore import Keystore, KeystoreError, ProvisioningRecord
 from broker.pki import CertificateAuthority, certificate_pem
@@ -160,7 +161,7 @@ def test_write_atomic_replaces_and_never_writes_through_a_symlink(store: Keystor
     elsewhere.write_bytes(b"untouched")
     target = store.root / "x"
     target.symlink_to(elsewhere)
-    ks.write_atomic(target, b"two")
+    durable.write_atomic(target, b"two")
     assert target.read_bytes() == b"two" and not target.is_symlink()
     assert elsewhere.read_bytes() == b"untouched"
 
@@ -216,7 +217,7 @@ def test_missing_and_garbage_keys_have_clear_errors(store: Keystore) -> None:
     store.ensure()
     with pytest.raises(KeystoreError, match="no device key"):
         store.load_key()
-    ks.write_atomic(store.key_path, b"not a key")
+    durable.write_atomic(store.key_path, b"not a key")
     with pytest.raises(KeystoreError, match="not an unencrypted PEM key") as raised:
         store.load_key()
     assert "not a key" not in str(raised.value)
@@ -245,7 +246,7 @@ def test_a_record_for_another_certificate_is_detected(store: Keystore) -> None:
 
 def test_a_damaged_record_is_reported(store: Keystore) -> None:
     store.ensure()
-    ks.write_atomic(store.record_path, b"{", 0o644)
+    durable.write_atomic(store.record_path, b"{", 0o644)
     with pytest.raises(KeystoreError, match="damaged"):
         store.provisioned()
 
@@ -322,7 +323,7 @@ def test_a_switch_interrupted_after_any_rename_is_finished_on_start(
     store: Keystore, moved: int
 ) -> None:
     _, new = provisioned_pair(store)
-    ks.write_atomic(store.root / ks.COMMIT_MARKER, b"", 0o600)
+    durable.write_atomic(store.root / ks.COMMIT_MARKER, b"", 0o600)
     for path in (store.key_path, store.cert_path, store.record_path)[:moved]:
         os.replace(store.staged_path(path), path)
     store.ensure()
