@@ -177,6 +177,19 @@ def test_untrusted_broker(fleet: Fleet) -> None:
     assert not raised.value.peer_refused
 
 
+async def claim_connect(fleet: Fleet, host: str, port: int, **kw: object) -> Session:
+    """The claim identity to a test server of ours (not the fleet's broker)."""
+    return await connect(
+        host,
+        port,
+        client_id="x",
+        ca=fleet.pki.ca_cert,
+        cert=fleet.claim.cert,
+        key=fleet.claim.key,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
 class SilentTlsServer:
     """A TLS server with the broker's own certificate that never speaks MQTT."""
 
@@ -206,14 +219,7 @@ def test_hostname_verification_is_on(fleet: Fleet) -> None:
     # The broker certificate names localhost, 127.0.0.1 and ::1, not 127.0.0.2.
     async def scenario() -> None:
         async with SilentTlsServer(fleet, "127.0.0.2") as server:
-            await connect(
-                "127.0.0.2",
-                server.port,
-                client_id="x",
-                ca=fleet.pki.ca_cert,
-                cert=fleet.claim.cert,
-                key=fleet.claim.key,
-            )
+            await claim_connect(fleet, "127.0.0.2", server.port)
 
     with pytest.raises(TlsFailure, match="mismatch"):
         run(scenario)
@@ -222,15 +228,7 @@ def test_hostname_verification_is_on(fleet: Fleet) -> None:
 def test_no_connack_is_a_timeout(fleet: Fleet) -> None:
     async def scenario() -> None:
         async with SilentTlsServer(fleet, "127.0.0.1") as server:
-            await connect(
-                "127.0.0.1",
-                server.port,
-                client_id="x",
-                ca=fleet.pki.ca_cert,
-                cert=fleet.claim.cert,
-                key=fleet.claim.key,
-                timeout=0.5,
-            )
+            await claim_connect(fleet, "127.0.0.1", server.port, timeout=0.5)
 
     with pytest.raises(SessionTimeout, match="no CONNACK"):
         run(scenario)
@@ -275,15 +273,7 @@ def test_a_reset_without_an_alert_is_not_a_refusal_of_the_certificate(
     server = ResettingServer(fleet, after)
 
     async def scenario() -> None:
-        await connect(
-            "127.0.0.1",
-            server.port,
-            client_id="x",
-            ca=fleet.pki.ca_cert,
-            cert=fleet.claim.cert,
-            key=fleet.claim.key,
-            timeout=5,
-        )
+        await claim_connect(fleet, "127.0.0.1", server.port, timeout=5)
 
     with pytest.raises((TlsFailure, ConnectionLost)) as raised:
         run(scenario)
