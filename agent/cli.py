@@ -712,13 +712,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         if refused is not None:
             report["certificate_refused"] = refused
         if config.renewal.enabled and refused is None:
-            due = renewal_time(
+            renew_at = renewal_time(
                 certificate,
                 config.renewal.share,
                 obtained_at=obtained_at(provisioned.record),
                 min_age=config.renewal.min_age,
             )
-            report["renewal_due"] = due.isoformat()
+            report["renewal_due"] = renew_at.isoformat()
     lock = InstanceLock(keystore.root)
     running = keystore.root.exists() and lock.held_elsewhere()
     report["agent"] = "running" if running else "not running"
@@ -739,10 +739,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"thing        {report['thing']}")
         certificate_id = str(report["certificate_id"])[:12]
         print(f"certificate  {certificate_id}… expires {report['certificate_expires']}")
-        refused = report.get("certificate_refused")
-        if isinstance(refused, dict):
-            at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(refused.get("at", 0)))
-            print(f"             REFUSED by the broker at {at}: {refused.get('reason')}")
+        refusal = report.get("certificate_refused")
+        if isinstance(refusal, dict):
+            at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(refusal.get("at", 0)))
+            print(f"             REFUSED by the broker at {at}: {refusal.get('reason')}")
             print("             provision again: fleet-agent provision --force")
         else:
             due = report.get("renewal_due")
@@ -774,7 +774,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"agent        {report['agent']}")
         if report.get("runtime_error"):
             print(f"             {report['runtime_error']}")
-        for name in report.get("queued_report_files") or []:
+        queued_files = report.get("queued_report_files")
+        for name in queued_files if isinstance(queued_files, list) else []:
             print(f"queued       {name} (sent on the next connection)")
     return EXIT_OK
 

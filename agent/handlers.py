@@ -122,7 +122,7 @@ class HandlerSet:
                     raise ValueError(f"keys {clash} already belong to handler {binding.name}")
         elif any(b.keys is None for b in self._bindings):
             raise ValueError("only one handler can take all remaining keys")
-        label = name or getattr(handler, "__name__", type(handler).__name__)
+        label = name or str(getattr(handler, "__name__", type(handler).__name__))
         self._bindings.append(_Binding(handler, owned, label))
 
     def _split(self, delta: Mapping[str, Any]) -> tuple[list[tuple[_Binding, Document]], Document]:

@@ -32,6 +32,7 @@ from typing import Any, Final, Literal, get_args
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from agent.durable import TEMP_PREFIX, fsync_folder, remove_durably, write_atomic
 from agent.provisioning import PrivateKey
@@ -68,8 +69,8 @@ def certificate_id(certificate: x509.Certificate) -> str:
 
 
 def same_public_key(key: PrivateKey, certificate: x509.Certificate) -> bool:
-    def der(public: object) -> bytes:
-        return public.public_bytes(  # type: ignore[attr-defined]
+    def der(public: PublicKeyTypes) -> bytes:
+        return public.public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
 

@@ -112,7 +112,7 @@ def retry_delay(
     """Exponential in the number of failures, capped, with the upper half jittered: never a
     zero wait, and a fleet whose broker refused renewals at once does not retry in step."""
     ceiling = min(policy.retry_cap, policy.retry_base * 2 ** max(0, failures - 1))
-    return ceiling / 2 + rng() * ceiling / 2
+    return float(ceiling / 2 + rng() * ceiling / 2)
 
 
 # ----------------------------------------------------------------------------- steps

@@ -193,18 +193,18 @@ class DeviceRuntime:
                 if self._switching:
                     self._switching = False
                     continue  # reconnect at once, with the staged certificate
-                kind = self.backoff.connection_ended(time.monotonic() - started, how)
+                ended = self.backoff.connection_ended(time.monotonic() - started, how)
                 if how == "lost" and session.disconnect_code == ADMINISTRATIVE_ACTION:
                     # Kicked, perhaps because the certificate was just revoked: the next
                     # handshake says so; wait the ordinary short time to find out.
                     log.warning("the broker's operator ended the connection")
-                elif kind == "identity":
+                elif ended == "identity":
                     log.error(
                         "the broker refused this device's connection (%s); waiting longer "
                         "before trying again",
                         session.disconnect_reason,
                     )
-                await self._pause(self.backoff.failed(kind or "transient"), stop)
+                await self._pause(self.backoff.failed(ended or "transient"), stop)
         finally:
             ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -26,7 +26,7 @@ import ssl
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -35,6 +35,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
+
+T = TypeVar("T")
 
 #: OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH.
 X509_NAME_MISMATCH = (62, 64)
@@ -317,8 +319,8 @@ async def open_tls(
 
 
 async def wait_future(
-    future: asyncio.Future[Any], timeout: float, on_timeout: Callable[[], Exception]
-) -> Any:
+    future: asyncio.Future[T], timeout: float, on_timeout: Callable[[], Exception]
+) -> T:
     """Await ``future`` for at most ``timeout`` seconds, then fail it with ``on_timeout()``.
 
     Unlike ``asyncio.wait_for`` before Python 3.12, a cancellation that arrives as the future
@@ -371,9 +373,10 @@ class PahoOnSocket(mqtt.Client):
 
     def __init__(self, client_id: str) -> None:
         super().__init__(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-        self._on_message_filtered = _NoTopicCallbacks()
+        # paho's MQTTMatcher has no annotations; ours is typed.
+        self._on_message_filtered = _NoTopicCallbacks()  # type: ignore[no-untyped-call]
 
-    def _create_socket(self) -> ssl.SSLSocket:  # type: ignore[override]
+    def _create_socket(self) -> ssl.SSLSocket:
         sock, self.prepared = self.prepared, None
         if sock is None:
             raise ConnectionError("reconnecting is the owner's job, not paho's")
@@ -576,7 +579,7 @@ class Session:
         # Properties object for the session's life, ~1 KB a device in a large fleet.
         properties: Properties | None = None
         if session_expiry:
-            properties = Properties(PacketTypes.CONNECT)
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = session_expiry
         self._client.prepared = sock
         try:

@@ -90,7 +90,7 @@ def delta(desired: Mapping[str, Any], reported: Mapping[str, Any]) -> JSONObject
     for key, want in desired.items():
         if want is None:
             continue
-        have = reported.get(key)
+        have: Any = reported.get(key)  # typed Any: the type test below narrows it
         kind = type(want)
         if kind is type(have):  # the hot path, with plain == where it is exact
             if kind is dict:

@@ -50,10 +50,10 @@ from agent.shadow import (
     ReportQueueFull,
     ShadowProtocolError,
     ShadowTracker,
-    merge,
     new_client_token,
     update_request,
 )
+from agent.shadow_rules import merge
 
 log = logging.getLogger("fleet.agent.shadow")
 

@@ -166,7 +166,7 @@ def parse_provisioning_request(
         and parts[3] == "provision"
         and parts[4] in PAYLOAD_FORMATS
     ):
-        return "register-thing", parts[2], parts[4]  # type: ignore[return-value]
+        return "register-thing", parts[2], parts[4]
     return None
 
 
@@ -204,9 +204,9 @@ def parse_shadow_request(topic: str) -> tuple[str, str | None, ShadowOperation] 
     if operation not in SHADOW_OPERATIONS:
         return None
     if len(parts) == 5:
-        return parts[2], None, operation  # type: ignore[return-value]
+        return parts[2], None, operation
     if len(parts) == 7 and parts[4] == "name":
-        return parts[2], parts[5], operation  # type: ignore[return-value]
+        return parts[2], parts[5], operation
     return None
 
 
