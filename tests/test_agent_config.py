@@ -21,6 +21,8 @@ from broker.pki import (
 )
 from tests.fleet import fleet_agent, run_into_a_closed_pipe
 
+pytestmark = pytest.mark.commands
+
 EXAMPLE = Path(__file__).resolve().parent.parent / "agent" / "agent.example.toml"
 
 
@@ -39,6 +41,7 @@ def folder(tmp_path: Path) -> Path:
 CLAIM_CA = CertificateAuthority.create(days=2)
 
 
+@pytest.mark.unit
 def test_a_claim_key_that_does_not_match_its_certificate_is_named(folder: Path) -> None:
     write_private_key(folder / "claim.key", generate_private_key())  # another key
     found = problems(write(folder, MINIMAL))
@@ -67,6 +70,7 @@ def problems(path: Path, *overrides: str) -> list[str]:
     return raised.value.problems
 
 
+@pytest.mark.unit
 def test_minimal_config_gets_the_defaults(folder: Path) -> None:
     config = load_config(write(folder, MINIMAL))
     assert config.broker.port == 8883
@@ -81,6 +85,7 @@ def test_minimal_config_gets_the_defaults(folder: Path) -> None:
     assert config.shadow.queue_max_bytes == 65536
 
 
+@pytest.mark.unit
 def test_the_shipped_example_is_valid(folder: Path) -> None:
     text = EXAMPLE.read_text()
     config = load_config(write(folder, text), ["agent.state_dir=state"])
@@ -88,6 +93,7 @@ def test_the_shipped_example_is_valid(folder: Path) -> None:
     assert config.agent.state_dir == folder / "state"
 
 
+@pytest.mark.unit
 def test_overrides_are_parsed_by_the_type_each_key_expects(folder: Path) -> None:
     config = load_config(
         write(folder, MINIMAL),
@@ -106,6 +112,7 @@ def test_overrides_are_parsed_by_the_type_each_key_expects(folder: Path) -> None
     assert config.agent.state_dir == Path("/tmp/x")
 
 
+@pytest.mark.unit
 def test_every_problem_is_reported_once_on_its_own_line(folder: Path) -> None:
     path = write(
         folder,
@@ -137,6 +144,7 @@ x = 1
     assert all(line.startswith(str(path)) for line in found)
 
 
+@pytest.mark.unit
 def test_unknown_section_is_reported(folder: Path) -> None:
     found = problems(write(folder, MINIMAL + "[extra]\nx = 1\n"))
     assert found == [
@@ -145,6 +153,7 @@ def test_unknown_section_is_reported(folder: Path) -> None:
     ]
 
 
+@pytest.mark.unit
 def test_missing_claim_files_are_named(folder: Path) -> None:
     (folder / "claim.key").unlink()
     found = problems(write(folder, MINIMAL))
@@ -153,6 +162,7 @@ def test_missing_claim_files_are_named(folder: Path) -> None:
     load_config(folder / "agent.toml", check_claim_files=False)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("loose", [0o644, 0o640, 0o604], ids=["0644", "0640", "0604"])
 def test_a_claim_key_others_can_read_is_refused(folder: Path, loose: int) -> None:
     key = folder / "claim.key"
@@ -187,6 +197,7 @@ def test_config_check_refuses_a_world_readable_claim_key(folder: Path) -> None:
     assert proc.returncode == 0, proc.stderr
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("override", "message"),
     [
@@ -212,11 +223,13 @@ def test_bad_overrides(folder: Path, override: str, message: str) -> None:
     assert len(found) == 1 and message in found[0], found
 
 
+@pytest.mark.unit
 def test_not_toml_and_no_file(folder: Path) -> None:
     assert "not valid TOML" in problems(write(folder, "[broker"))[0]
     assert "no such config file" in problems(folder / "absent.toml")[0]
 
 
+@pytest.mark.unit
 def test_shadow_section_defaults_sync_the_classic_shadow(folder: Path) -> None:
     shadow = load_config(write(folder, MINIMAL)).shadow
     assert shadow.shadows == (None,)
@@ -224,6 +237,7 @@ def test_shadow_section_defaults_sync_the_classic_shadow(folder: Path) -> None:
     assert shadow.facts_key == "device" and shadow.report_interval == 300
 
 
+@pytest.mark.unit
 def test_shadow_section_is_validated_with_one_line_per_problem(folder: Path) -> None:
     (folder / "apply.sh").write_text("#!/bin/sh\necho '{}'\n")  # not executable
     found = problems(
@@ -243,6 +257,7 @@ def test_shadow_section_is_validated_with_one_line_per_problem(folder: Path) -> 
     assert len(found) == 5
 
 
+@pytest.mark.unit
 def test_shadow_lists_can_be_overridden(folder: Path) -> None:
     config = load_config(write(folder, MINIMAL), ["shadow.names=config, lights"])
     assert config.shadow.shadows == (None, "config", "lights")
@@ -250,6 +265,7 @@ def test_shadow_lists_can_be_overridden(folder: Path) -> None:
     assert found == [f"{folder / 'agent.toml'}: shadow.names must be a list of strings, got [1]"]
 
 
+@pytest.mark.unit
 def test_control_socket_defaults_to_the_state_folder(folder: Path) -> None:
     agent = load_config(write(folder, MINIMAL)).agent
     assert agent.control_socket is None
@@ -258,6 +274,7 @@ def test_control_socket_defaults_to_the_state_folder(folder: Path) -> None:
     assert agent.socket_path == Path("/tmp/x/agent.sock")
 
 
+@pytest.mark.unit
 def test_control_socket_can_live_outside_the_state_folder(folder: Path) -> None:
     config = load_config(
         write(folder, MINIMAL + '[agent]\ncontrol_socket = "/run/fleet-agent/agent.sock"\n')
@@ -273,6 +290,7 @@ def test_control_socket_can_live_outside_the_state_folder(folder: Path) -> None:
     assert config.agent.socket_path == DEFAULT_STATE_DIR / "agent.sock"
 
 
+@pytest.mark.unit
 def test_control_socket_must_be_an_absolute_path(folder: Path) -> None:
     found = problems(write(folder, MINIMAL + '[agent]\ncontrol_socket = "run/agent.sock"\n'))
     assert found == [
@@ -281,6 +299,7 @@ def test_control_socket_must_be_an_absolute_path(folder: Path) -> None:
     ]
 
 
+@pytest.mark.unit
 def test_control_socket_problems_are_named(folder: Path) -> None:
     path = write(folder, MINIMAL)
     (folder / "plain").write_text("x")
@@ -358,6 +377,7 @@ def test_config_show_names_every_problem_like_config_check(folder: Path) -> None
     ]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "value", ["plain", 'quo"te', "back\\slash", "tab\there", "new\nline", "del\x7f", "é€😀"]
 )

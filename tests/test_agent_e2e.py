@@ -35,6 +35,8 @@ from tests.fleet import (
     running_fleet,
 )
 
+pytestmark = pytest.mark.commands
+
 # A certificate ownership token is secrets.token_urlsafe(32): 43 URL-safe characters. No
 # output line of the agent may hold a run that long.
 TOKEN_LIKE = re.compile(r"[A-Za-z0-9_-]{40,}")

@@ -28,6 +28,8 @@ from agent.handlers import (
 )
 from agent.reporters import device_facts, device_reporter
 
+pytestmark = pytest.mark.unit
+
 T = TypeVar("T")
 
 

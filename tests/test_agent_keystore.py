@@ -19,6 +19,8 @@ from agent.keystore import Keystore, KeystoreError, ProvisioningRecord
 from broker.pki import CertificateAuthority, certificate_pem
 from tests.fleet import make_workdir
 
+pytestmark = pytest.mark.unit
+
 
 def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)

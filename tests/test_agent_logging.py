@@ -21,6 +21,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from agent import logs
 
+pytestmark = pytest.mark.unit
+
 REDACTED = "[redacted]"
 TOKEN_LIKE = re.compile(r"[A-Za-z0-9_-]{40,}")  # as in test_agent_e2e.py
 STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"

@@ -30,6 +30,8 @@ from agent.provisioning import (
 from broker.pki import CertificateAuthority, certificate_pem, private_key_pem
 from tests.fleet import fleet_agent, free_port, make_workdir, run_agent
 
+pytestmark = pytest.mark.commands
+
 TOKEN = "tok-" + "s3cr3t" * 8
 CSR_TOPIC = wire.create_certificate_from_csr()
 REGISTER_TOPIC = wire.register_thing("fleet-default")
@@ -67,6 +69,7 @@ def flow() -> ClaimFlow:
 # ------------------------------------------------------------------------ messages
 
 
+@pytest.mark.unit
 def test_csr_is_signed_by_the_key_with_the_configured_subject() -> None:
     key = generate_key()
     csr = x509.load_pem_x509_csr(build_csr(key, "my-device").encode())
@@ -75,11 +78,13 @@ def test_csr_is_signed_by_the_key_with_the_configured_subject() -> None:
     assert csr.public_key() == key.public_key()
 
 
+@pytest.mark.unit
 def test_csr_default_subject_is_fleet_agent() -> None:
     csr = x509.load_pem_x509_csr(build_csr(generate_key()).encode())
     assert csr.subject.rfc4514_string() == "CN=fleet-agent"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("key_type", ["ec-p384", "rsa-2048"])
 def test_csr_for_other_key_types(key_type: str) -> None:
     key = generate_key(key_type)  # type: ignore[arg-type]
@@ -88,6 +93,7 @@ def test_csr_for_other_key_types(key_type: str) -> None:
     assert isinstance(csr.public_key(), ec.EllipticCurvePublicKey | rsa.RSAPublicKey)
 
 
+@pytest.mark.unit
 def test_create_certificate_request_is_the_aws_message() -> None:
     request = create_certificate_request("CSR PEM")
     assert request.topic == "$aws/certificates/create-from-csr/json"
@@ -98,6 +104,7 @@ def test_create_certificate_request_is_the_aws_message() -> None:
     )
 
 
+@pytest.mark.unit
 def test_register_thing_request_is_the_aws_message() -> None:
     request = register_thing_request("fleet-default", TOKEN, {"SerialNumber": "SN-1"})
     assert request.topic == "$aws/provisioning-templates/fleet-default/provision/json"
@@ -108,11 +115,13 @@ def test_register_thing_request_is_the_aws_message() -> None:
     assert request.reply_topics == (accepted(request.topic), rejected(request.topic))
 
 
+@pytest.mark.unit
 def test_register_thing_without_parameters_omits_them() -> None:
     request = register_thing_request("fleet-default", TOKEN)
     assert json.loads(request.payload) == {"certificateOwnershipToken": TOKEN}
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", ["", "a/b", "+", "#", "x" * 37, "with space"])
 def test_template_names_that_would_break_the_topic_are_refused(name: str) -> None:
     with pytest.raises(ValueError, match="template name"):
@@ -121,6 +130,7 @@ def test_template_names_that_would_break_the_topic_are_refused(name: str) -> Non
         ClaimFlow(generate_key(), template=name)
 
 
+@pytest.mark.unit
 def test_parameters_must_be_strings() -> None:
     with pytest.raises(ValueError, match="strings"):
         ClaimFlow(generate_key(), parameters={"SerialNumber": 7})  # type: ignore[dict-item]
@@ -129,6 +139,7 @@ def test_parameters_must_be_strings() -> None:
 # ------------------------------------------------------------------------ the flow
 
 
+@pytest.mark.unit
 def test_subscribe_to_every_reply_before_the_first_publish(flow: ClaimFlow) -> None:
     assert set(flow.reply_topics()) == {
         accepted(CSR_TOPIC),
@@ -138,6 +149,7 @@ def test_subscribe_to_every_reply_before_the_first_publish(flow: ClaimFlow) -> N
     }
 
 
+@pytest.mark.unit
 def test_happy_path(flow: ClaimFlow) -> None:
     first = flow.start()
     assert first.topic == CSR_TOPIC and flow.step is Step.CREATE_CERTIFICATE
@@ -158,6 +170,7 @@ def test_happy_path(flow: ClaimFlow) -> None:
     assert flow.result == result
 
 
+@pytest.mark.unit
 def test_the_pending_request_is_what_a_retry_resends(flow: ClaimFlow) -> None:
     first = flow.start()
     assert flow.pending == first
@@ -165,6 +178,7 @@ def test_the_pending_request_is_what_a_retry_resends(flow: ClaimFlow) -> None:
     assert flow.pending == second
 
 
+@pytest.mark.unit
 def test_empty_device_configuration_is_fine(flow: ClaimFlow) -> None:
     flow.start()
     flow.receive(accepted(CSR_TOPIC), issued())
@@ -172,6 +186,7 @@ def test_empty_device_configuration_is_fine(flow: ClaimFlow) -> None:
     assert isinstance(result, ProvisioningResult) and result.device_configuration == {}
 
 
+@pytest.mark.unit
 def test_create_certificate_rejected(flow: ClaimFlow) -> None:
     flow.start()
     with pytest.raises(ProvisioningRejected) as raised:
@@ -186,6 +201,7 @@ def test_create_certificate_rejected(flow: ClaimFlow) -> None:
     assert str(error) == "CreateCertificateFromCsr rejected: InvalidCSR (400): bad CSR"
 
 
+@pytest.mark.unit
 def test_register_thing_rejected_names_the_step_and_never_the_token(flow: ClaimFlow) -> None:
     flow.start()
     flow.receive(accepted(CSR_TOPIC), issued())
@@ -199,6 +215,7 @@ def test_register_thing_rejected_names_the_step_and_never_the_token(flow: ClaimF
     assert TOKEN not in str(raised.value) and TOKEN not in repr(raised.value)
 
 
+@pytest.mark.unit
 def test_a_rejection_with_odd_fields_still_parses(flow: ClaimFlow) -> None:
     flow.start()
     with pytest.raises(ProvisioningRejected) as raised:
@@ -206,6 +223,7 @@ def test_a_rejection_with_odd_fields_still_parses(flow: ClaimFlow) -> None:
     assert raised.value.status_code == 0 and raised.value.error_code == "Unknown"
 
 
+@pytest.mark.unit
 def test_the_token_is_in_no_repr(flow: ClaimFlow) -> None:
     flow.start()
     second = flow.receive(accepted(CSR_TOPIC), issued())
@@ -214,6 +232,7 @@ def test_the_token_is_in_no_repr(flow: ClaimFlow) -> None:
     assert TOKEN not in repr(flow._issued)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "payload",
     [
@@ -234,6 +253,7 @@ def test_malformed_certificate_reply_is_a_protocol_violation(
         flow.receive(accepted(CSR_TOPIC), payload)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "payload",
     [registered("bad/name"), registered(config={"n": 1}), registered(config=["x"]), b"{}"],
@@ -245,12 +265,14 @@ def test_malformed_register_reply_is_a_protocol_violation(flow: ClaimFlow, paylo
         flow.receive(accepted(REGISTER_TOPIC), payload)
 
 
+@pytest.mark.unit
 def test_a_reply_on_a_foreign_topic_is_refused(flow: ClaimFlow) -> None:
     flow.start()
     with pytest.raises(ValueError, match="not a reply"):
         flow.receive(accepted(REGISTER_TOPIC), registered())
 
 
+@pytest.mark.unit
 def test_receive_before_start_is_a_bug(flow: ClaimFlow) -> None:
     with pytest.raises(RuntimeError):
         flow.receive(accepted(CSR_TOPIC), issued())
@@ -263,18 +285,21 @@ def reject(status: int) -> ProvisioningRejected:
     return ProvisioningRejected(status, "X", "x", Step.REGISTER_THING)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("status", [429, 500, 503, 599])
 def test_throttling_and_server_errors_are_transient(status: int) -> None:
     assert RetryPolicy.is_transient(reject(status))
     assert RetryPolicy().delay(1, reject(status)) is not None
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("status", [400, 401, 403, 404, 409, 413, 0])
 def test_client_errors_fail_at_once(status: int) -> None:
     assert not RetryPolicy.is_transient(reject(status))
     assert RetryPolicy().delay(1, reject(status)) is None
 
 
+@pytest.mark.unit
 def test_backoff_is_exponential_capped_and_full_jitter() -> None:
     policy = RetryPolicy(max_attempts=10, base_delay=0.5, max_delay=4.0)
     ceilings = [policy.delay(n, reject(500), lambda _lo, hi: hi) for n in range(1, 7)]
@@ -283,17 +308,20 @@ def test_backoff_is_exponential_capped_and_full_jitter() -> None:
     assert floors == [0.0, 0.0, 0.0]  # full jitter: anywhere from zero to the ceiling
 
 
+@pytest.mark.unit
 def test_attempts_are_bounded() -> None:
     policy = RetryPolicy(max_attempts=3)
     assert policy.delay(2, reject(500)) is not None
     assert policy.delay(3, reject(500)) is None
 
 
+@pytest.mark.unit
 def test_timeouts_are_retried_unless_told_not() -> None:
     assert RetryPolicy().delay(1, TimeoutError()) is not None
     assert RetryPolicy(retry_timeouts=False).delay(1, TimeoutError()) is None
 
 
+@pytest.mark.unit
 def test_the_agent_imports_nothing_from_broker_or_simulator() -> None:
     import ast
 

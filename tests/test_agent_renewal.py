@@ -42,6 +42,8 @@ from tests.fleet import (
 )
 from tests.test_agent_run import reported, shadow_cmd, stop_daemon, thing_of, wait_until
 
+pytestmark = pytest.mark.commands
+
 # 60 s certificates that the agent renews after 10 % of their life (6 s), and a broker that
 # lets a device renew every 5 s: renewal in a test's time. The defaults (80 %, never under
 # 30 s; the broker at most once a minute or half-life) are what test_no_renewal_loop checks.

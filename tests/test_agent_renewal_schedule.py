@@ -10,6 +10,8 @@ from agent.keystore import generate_key
 from agent.renewal import RenewalPolicy, renewal_time, retry_delay
 from broker.pki import CertificateAuthority
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def ca() -> CertificateAuthority:

@@ -38,6 +38,8 @@ from tests.fleet import (
 )
 from tests.test_agent_e2e import TOKEN_LIKE
 
+pytestmark = pytest.mark.commands
+
 
 @pytest.fixture(scope="module")
 def fleet() -> Iterator[Fleet]:

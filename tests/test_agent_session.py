@@ -36,6 +36,8 @@ from broker.pki import CertificateAuthority
 from broker.registry import CertificateRole
 from tests.fleet import Credentials, Fleet, agent_config, free_port, run_agent, running_fleet
 
+pytestmark = pytest.mark.stack
+
 T = TypeVar("T")
 
 

@@ -27,6 +27,8 @@ from agent.shadow import (
 )
 from agent.shadow_rules import equal, merge
 
+pytestmark = pytest.mark.unit
+
 Doc = dict[str, Any]
 
 # ---------------------------------------------------------------- random documents

@@ -32,6 +32,8 @@ from agent.shadow_sync import (
 )
 from tests.fleet import Client, Fleet, make_workdir, running_fleet
 
+pytestmark = pytest.mark.stack
+
 
 @pytest.fixture(scope="module")
 def fleet() -> Iterator[Fleet]:
@@ -319,6 +321,7 @@ def test_a_key_deleted_then_set_to_an_object_offline_keeps_its_meaning(fleet: Fl
     assert state_of(fleet, "sync-replace", "reported") == {"net": {"ssid": "b"}}
 
 
+@pytest.mark.unit
 def test_a_damaged_queue_file_is_moved_aside_not_lost(tmp_path: Path) -> None:
     folder = tmp_path / "shadows"
     folder.mkdir()
@@ -335,6 +338,7 @@ def filled_store(patches: list[dict[str, Any]]) -> MemoryQueueStore:
     return store
 
 
+@pytest.mark.unit
 def test_a_report_over_the_queue_limit_is_refused_and_the_queue_kept() -> None:
     store = MemoryQueueStore()
     sync = ShadowSync("t", None, HandlerSet(), store, max_queue_bytes=200)
@@ -352,6 +356,7 @@ def test_a_report_over_the_queue_limit_is_refused_and_the_queue_kept() -> None:
     assert store.saved.patches == sync.queue.patches
 
 
+@pytest.mark.unit
 def test_a_report_too_large_alone_leaves_an_empty_queue_drained() -> None:
     sync = ShadowSync("t", "lights", HandlerSet(), MemoryQueueStore(), max_queue_bytes=50)
 
@@ -364,11 +369,13 @@ def test_a_report_too_large_alone_leaves_an_empty_queue_drained() -> None:
     assert not sync.queue
 
 
+@pytest.mark.unit
 def test_a_queue_limit_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_queue_bytes"):
         ShadowSync("t", None, HandlerSet(), MemoryQueueStore(), max_queue_bytes=0)
 
 
+@pytest.mark.unit
 def test_a_queue_file_over_the_limit_is_kept_whole_and_refuses_reports(tmp_path: Path) -> None:
     """The limit was lowered under what is on disk: nothing is dropped; reports wait."""
     folder = tmp_path / "shadows"
@@ -387,6 +394,7 @@ def test_a_queue_file_over_the_limit_is_kept_whole_and_refuses_reports(tmp_path:
     assert not asyncio.run(sync.wait_sent(0.01))  # still to be sent
 
 
+@pytest.mark.unit
 def test_the_rejected_file_is_rotated_before_it_passes_its_bound(tmp_path: Path) -> None:
     store = FileQueueStore(tmp_path / "shadows", None, max_rejected_bytes=300)
     rotated = store.rejected_path.with_name("classic.rejected.jsonl.1")
@@ -406,6 +414,7 @@ def test_the_rejected_file_is_rotated_before_it_passes_its_bound(tmp_path: Path)
     }
 
 
+@pytest.mark.unit
 def test_a_rejected_report_over_the_bound_alone_gets_a_file_of_its_own(tmp_path: Path) -> None:
     store = FileQueueStore(tmp_path / "shadows", None, max_rejected_bytes=100)
     store.park({"small": 1}, Rejection(400, "bad", None))
@@ -415,6 +424,7 @@ def test_a_rejected_report_over_the_bound_alone_gets_a_file_of_its_own(tmp_path:
     assert json.loads(store.rejected_path.read_text())["patch"] == {"blob": "x" * 500}
 
 
+@pytest.mark.unit
 def test_the_rejected_files_are_private(tmp_path: Path) -> None:
     folder = tmp_path / "shadows"
     folder.mkdir()
@@ -666,6 +676,7 @@ def test_conflicts_in_a_row_back_off(fleet: Fleet, caplog: pytest.LogCaptureFixt
     assert 2 <= conflicts <= 12, conflicts
 
 
+@pytest.mark.unit
 def test_a_state_folder_that_refuses_the_queue_is_named_and_loses_nothing(
     tmp_path: Path,
 ) -> None:

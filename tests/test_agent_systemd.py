@@ -24,6 +24,8 @@ import pytest
 
 from agent.systemd import Notifier, watchdog_loop
 
+pytestmark = pytest.mark.unit
+
 WAIT = 10.0  # seconds to wait for a datagram that must come (generous: never asserted)
 
 

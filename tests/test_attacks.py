@@ -18,6 +18,8 @@ from broker.registry import CertificateStatus, SharedClaim, ThingStatus
 from tests.fleet import Client, Credentials, Fleet, fleet_broker, running_fleet
 from tests.test_provisioning import CSR_TOPIC, TEMPLATE, Device, onboard
 
+pytestmark = pytest.mark.stack
+
 NOT_AUTHORIZED = 0x87
 
 

@@ -46,6 +46,8 @@ from broker.registry import CertificateRole, CertificateStatus
 from broker.stack import pid_alive
 from tests.fleet import free_port, make_workdir, run_into_a_closed_pipe
 
+pytestmark = pytest.mark.commands
+
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 CLI_TIMEOUT = 30  # generous bound for one command; a hang fails the test instead of blocking

@@ -53,6 +53,8 @@ from simulator.scenario import Scenario, validate
 from tests.fleet import REPO, free_port, make_workdir
 from tests.test_demo import CHECKS as DEMO_CHECKS
 
+pytestmark = pytest.mark.commands
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover

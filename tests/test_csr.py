@@ -15,6 +15,8 @@ from cryptography.x509.oid import NameOID
 from broker.csr import validate_csr
 from broker.rejection import Rejection
 
+pytestmark = pytest.mark.unit
+
 SUBJECT = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "device-1")])
 
 

@@ -27,6 +27,8 @@ from simulator.demo_report import print_report
 from tests.fleet import REPO, make_workdir
 from tests.test_agent_e2e import TOKEN_LIKE
 
+pytestmark = pytest.mark.commands
+
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 CHECKS = {
     "every device onboards through Fleet Provisioning",

@@ -62,6 +62,8 @@ from tests.test_agent_run import (
     wait_until,
 )
 
+pytestmark = pytest.mark.commands
+
 # ------------------------------------------------------------------ F3, pure logic
 
 
@@ -69,6 +71,7 @@ def no_jitter(low: float, high: float) -> float:
     return high
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("closed_by_us", "code", "how"),
     [
@@ -88,6 +91,7 @@ def test_how_a_connection_ended(closed_by_us: bool, code: int | None, how: str) 
     assert reconnect.ending(closed_by_us, code) == how
 
 
+@pytest.mark.unit
 def test_a_connection_lost_right_after_connack_is_transient() -> None:
     """F3: a broker restarted twice in a row ends the connection 0.1 s after CONNACK; that is
     no refusal of the certificate. The ordinary backoff still escalates while it repeats."""
@@ -98,12 +102,14 @@ def test_a_connection_lost_right_after_connack_is_transient() -> None:
     assert backoff.failed("transient") == 2.0
 
 
+@pytest.mark.unit
 def test_our_own_close_never_counts_against_the_broker() -> None:
     backoff = Backoff(ReconnectPolicy(), uniform=no_jitter)
     assert backoff.connection_ended(0.0, "ours") == "transient"
     assert backoff.failed("transient") == 1.0
 
 
+@pytest.mark.unit
 def test_only_a_refusal_gets_the_identity_wait() -> None:
     policy = ReconnectPolicy(identity_min_delay=60.0)
     backoff = Backoff(policy, uniform=no_jitter)
@@ -113,6 +119,7 @@ def test_only_a_refusal_gets_the_identity_wait() -> None:
     assert backoff.failures == 0  # but a stable connection still resets the count
 
 
+@pytest.mark.unit
 def test_a_stable_connection_resets_the_count() -> None:
     backoff = Backoff(ReconnectPolicy(stable_after=60.0), uniform=no_jitter)
     for _ in range(3):
@@ -964,6 +971,7 @@ def test_a_corrupt_crl_never_fails_open(record_property: Callable[[str, object],
 # ------------------------------------------------------------------ F5: the disk named
 
 
+@pytest.mark.unit
 def test_the_control_socket_passes_back_a_queue_that_was_not_saved() -> None:
     """F5, the socket alone: an operation that could not save the queue answers with the
     file and the cause (it used to close without an answer: "the running agent gave no

@@ -8,7 +8,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from tests.fleet import AGENT_ENV, REPO
+
+pytestmark = pytest.mark.stack
 
 CASES = REPO / "tests" / "awsiotsdk_cases.py"
 

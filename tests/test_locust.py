@@ -19,6 +19,8 @@ from broker.mosquitto import free_port
 from broker.registry import CertificateRole
 from tests.fleet import AGENT_ENV, REPO, Fleet, make_workdir, running_fleet
 
+pytestmark = pytest.mark.commands
+
 #: Every row the fleet's Locust statistics have once a run is under way.
 STEPS = {
     ("connect", "claim"),
@@ -249,6 +251,7 @@ def test_help_lists_the_fleet_options() -> None:
     assert "--local" in ours and "--keep" in ours and "exit codes" in ours
 
 
+@pytest.mark.unit
 def test_request_types_fit_locusts_console_table() -> None:
     from locust.stats import STATS_TYPE_WIDTH
 

@@ -18,6 +18,8 @@ import pytest
 from agent.cli import EXIT_FAILED, EXIT_REVOKED, EXIT_TRANSIENT, EXIT_USAGE, build_parser
 from agent.keystore import DEFAULT_STATE_DIR
 
+pytestmark = pytest.mark.commands
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -74,6 +76,7 @@ def one(unit: Unit, key: str, section: str = "Service") -> str:
     return values[0]
 
 
+@pytest.mark.unit
 def test_the_unit_parses_into_the_usual_sections(unit: Unit) -> None:
     assert set(unit) == SECTIONS
     assert one(unit, "WantedBy", "Install") == "multi-user.target"
@@ -109,25 +112,30 @@ HARDENING = {
 }
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("key", "expected"), sorted(HARDENING.items()))
 def test_hardening(unit: Unit, key: str, expected: str) -> None:
     assert one(unit, key) == expected
 
 
+@pytest.mark.unit
 def test_no_dynamic_user_and_no_capabilities(unit: Unit) -> None:
     assert "DynamicUser" not in unit["Service"]  # a static user: its files outlive the unit
     assert unit["Service"].get("AmbientCapabilities", [""]) == [""]
 
 
+@pytest.mark.unit
 def test_network_is_ip_and_unix_sockets_only(unit: Unit) -> None:
     assert set(one(unit, "RestrictAddressFamilies").split()) == {"AF_UNIX", "AF_INET", "AF_INET6"}
 
 
+@pytest.mark.unit
 def test_watchdog_and_file_limit(unit: Unit) -> None:
     assert int(one(unit, "WatchdogSec")) == 60
     assert 256 <= int(one(unit, "LimitNOFILE")) <= 4096
 
 
+@pytest.mark.unit
 def test_exec_start_runs_the_agent_with_its_config(unit: Unit) -> None:
     argv = shlex.split(one(unit, "ExecStart"))
     assert argv[0].startswith("/"), "systemd wants an absolute program path"
@@ -142,6 +150,7 @@ def test_exec_start_runs_the_agent_with_its_config(unit: Unit) -> None:
     assert config.parent == Path("/etc") / one(unit, "ConfigurationDirectory")
 
 
+@pytest.mark.unit
 def test_the_state_directory_is_the_agents_default_and_the_examples(unit: Unit) -> None:
     state = Path("/var/lib") / one(unit, "StateDirectory")
     assert state == DEFAULT_STATE_DIR
@@ -149,12 +158,14 @@ def test_the_state_directory_is_the_agents_default_and_the_examples(unit: Unit) 
     assert Path(example["agent"]["state_dir"]) == state
 
 
+@pytest.mark.unit
 def test_no_restart_for_what_a_restart_cannot_fix(unit: Unit) -> None:
     codes = {int(code) for code in one(unit, "RestartPreventExitStatus").split()}
     assert {EXIT_USAGE, EXIT_REVOKED} <= codes
     assert not {EXIT_FAILED, EXIT_TRANSIENT} & codes  # those may succeed next time
 
 
+@pytest.mark.unit
 def test_the_readme_explains_the_exit_codes() -> None:
     text = (REPO / "packaging" / "README.md").read_text()
     for code in (EXIT_USAGE, EXIT_REVOKED):
@@ -163,6 +174,7 @@ def test_the_readme_explains_the_exit_codes() -> None:
     assert "systemctl enable --now fleet-agent" in text
 
 
+@pytest.mark.unit
 def test_the_parser_keeps_repeated_keys_and_resets() -> None:
     unit = parse_unit("[Service]\nA=1\nA=2\\\n  3\n; note\nB=x\nB=\n")
     assert unit == {"Service": {"A": ["1", "2 3"], "B": [""]}}

@@ -37,6 +37,8 @@ from broker.registry import (
     UnknownTarget,
 )
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def ca() -> CertificateAuthority:

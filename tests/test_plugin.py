@@ -20,6 +20,8 @@ from broker.pki import CertificateAuthority
 from broker.registry import CertificateRole, CertificateStatus
 from tests.fleet import Client, Credentials, Fleet
 
+pytestmark = pytest.mark.stack
+
 CSR_TOPIC = wire.create_certificate_from_csr()
 CSR_ACCEPTED = wire.reply(CSR_TOPIC, "accepted")
 

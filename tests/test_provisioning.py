@@ -22,6 +22,8 @@ from broker.pki import write_private_key, write_public_file
 from broker.registry import CertificateStatus
 from tests.fleet import Client, Credentials, Fleet, running_fleet
 
+pytestmark = pytest.mark.stack
+
 CSR_TOPIC = wire.create_certificate_from_csr()
 TEMPLATE = "fleet-default"
 

@@ -21,6 +21,8 @@ from broker.provisioning import ProvisioningService, ProvisioningSettings
 from broker.registry import CertificateRole, CertificateStatus, SQLiteRegistry
 from broker.templates import DEFAULT_TEMPLATE, DEFAULT_TEMPLATE_NAME, Template
 
+pytestmark = pytest.mark.unit
+
 CSR = wire.create_certificate_from_csr()
 REGISTER = wire.register_thing(DEFAULT_TEMPLATE_NAME)
 

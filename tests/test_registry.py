@@ -29,6 +29,8 @@ from broker.registry import (
     validate_thing_name,
 )
 
+pytestmark = pytest.mark.unit
+
 UTC = dt.timezone.utc
 PLUGIN_CERT_QUERY = (
     "SELECT c.status, c.role, c.thing_name, c.awaiting_first_connect, t.status"

@@ -24,6 +24,8 @@ from broker.shadow import (
     validate_thing_name,
 )
 
+pytestmark = pytest.mark.unit
+
 T0 = 1_700_000_000
 T1 = T0 + 60
 T2 = T0 + 120

@@ -18,9 +18,13 @@ import os
 import random
 from typing import Any
 
+import pytest
+
 from agent.shadow import ShadowTracker
 from agent.shadow_rules import delta, merge
 from broker.shadow import ShadowLimits, apply_update
+
+pytestmark = pytest.mark.unit
 
 KEYS = ("a", "b", "c", "mode", "x")
 LIMITS = ShadowLimits(max_depth=8, max_state_bytes=1 << 20)

@@ -21,6 +21,8 @@ from broker.service_connection import ServiceConnection, _encode_varint, _varint
 from broker.shadow_service import ShadowService
 from tests.fleet import Client, Fleet, running_fleet
 
+pytestmark = pytest.mark.stack
+
 
 @pytest.fixture(scope="module")
 def fleet() -> Iterator[Fleet]:
@@ -263,6 +265,7 @@ def registry(tmp_path: Path) -> Iterator[SQLiteRegistry]:
         yield opened
 
 
+@pytest.mark.unit
 def test_a_request_stamped_with_a_certificate_no_longer_active_is_refused(
     registry: SQLiteRegistry,
 ) -> None:
@@ -277,6 +280,7 @@ def test_a_request_stamped_with_a_certificate_no_longer_active_is_refused(
     assert registry.load_shadow("a", "") is None
 
 
+@pytest.mark.unit
 def test_a_batch_applies_each_things_updates_in_arrival_order(registry: SQLiteRegistry) -> None:
     replies: list[tuple[str, bytes]] = []
     batch = [
@@ -294,6 +298,7 @@ def test_a_batch_applies_each_things_updates_in_arrival_order(registry: SQLiteRe
     assert stored is not None and stored.version == 3
 
 
+@pytest.mark.unit
 def test_no_reply_is_published_before_its_write_is_committed(registry: SQLiteRegistry) -> None:
     """Every /update/accepted finds its version in the database, read from another connection."""
     observer = sqlite3.connect(registry.path)
@@ -347,6 +352,7 @@ class _FailingStore:
         self._store.delete(thing_name, shadow_name, version)
 
 
+@pytest.mark.unit
 def test_a_failed_write_costs_only_its_own_request_an_answer(registry: SQLiteRegistry) -> None:
     """The batch's transaction fails and rolls back; retried one by one, the others are
     accepted once each and the failing one gets a 500, never an accepted."""
@@ -367,6 +373,7 @@ def test_a_failed_write_costs_only_its_own_request_an_answer(registry: SQLiteReg
     assert stored is not None and stored.version == 2
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("value", [0, 1, 127, 128, 16383, 16384, 2097151, 2097152, 268435455])
 def test_variable_byte_integers_round_trip(value: int) -> None:
     encoded = _encode_varint(value)

@@ -18,6 +18,8 @@ from agent.session import ConnectRefused, SessionError, connect
 from simulator import shared_tls
 from tests.fleet import Credentials, Fleet
 
+pytestmark = pytest.mark.stack
+
 DEVICES = 20
 
 

@@ -33,9 +33,10 @@ from broker.mosquitto import BrokerError, check_port_free, free_port
 from tests.fleet import AGENT_ENV, REPO, make_workdir
 from tests.test_demo import processes_using
 
-pytestmark = pytest.mark.skipif(
-    not children.supported(), reason="the parent-death signal is Linux's"
-)
+pytestmark = [
+    pytest.mark.commands,
+    pytest.mark.skipif(not children.supported(), reason="the parent-death signal is Linux's"),
+]
 
 START_TIMEOUT = 60  # until the command's children run
 STOP_TIMEOUT = 30  # the command must exit this long after SIGTERM
@@ -425,6 +426,7 @@ def test_a_disarmed_guard_leaves_its_child_alone() -> None:
         child.wait()
 
 
+@pytest.mark.unit
 def test_no_parent_death_signal_for_a_child_forked_from_a_passing_thread() -> None:
     """The kernel would signal it when that thread ends, while this process lives on."""
     results: list[object] = []

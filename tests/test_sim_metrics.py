@@ -13,6 +13,8 @@ import pytest
 from simulator.metrics import STEP_ORDER, Recorder, format_ms, percentile, step_label
 from simulator.plots import write_plots
 
+pytestmark = pytest.mark.unit
+
 T0 = 1_700_000_000.0
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

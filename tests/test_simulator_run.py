@@ -29,6 +29,8 @@ from simulator.metrics import step_label
 from simulator.scenario import Scenario, ScenarioError, build
 from tests.fleet import AGENT_ENV, REPO, make_workdir
 
+pytestmark = pytest.mark.commands
+
 DEVICES = 24
 
 
@@ -292,6 +294,7 @@ def _report(onboarded: int, errors: dict[str, dict[str, int]], interrupted: bool
     return {"interrupted": interrupted, "devices": {"onboarded": onboarded}, "errors": errors}
 
 
+@pytest.mark.unit
 def test_the_exit_code_scheme() -> None:
     assert run_exit_code(_report(5, {}), 5) == 0
     assert run_exit_code(_report(4, {"register_thing": {"409": 1}}), 5) == 1
@@ -357,6 +360,7 @@ def test_bad_options_are_clear_errors() -> None:
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.unit
 def test_scenario_files_are_validated(tmp_path: Path) -> None:
     path = tmp_path / "s.toml"
     path.write_text('devices = "many"\nspeed = 3\nstorm_at = 50\nhold = 10\n')
@@ -370,6 +374,7 @@ def test_scenario_files_are_validated(tmp_path: Path) -> None:
         build(tmp_path / "absent.toml", {})
 
 
+@pytest.mark.unit
 def test_arrivals_follow_the_rate_and_the_ramp() -> None:
     constant = Scenario(devices=100, rate=50)
     assert constant.arrival_offset(50) == pytest.approx(1.0)
@@ -380,6 +385,7 @@ def test_arrivals_follow_the_rate_and_the_ramp() -> None:
     assert linear.arrival_offset(100) == pytest.approx(3.0)
 
 
+@pytest.mark.unit
 def test_the_progress_clock() -> None:
     scenario = Scenario(devices=100, rate=10, hold=5)
     clock = progress.Progress(scenario, started=100.0, ceiling=(98.0, 99.5), began=90.0)
@@ -403,6 +409,7 @@ def test_the_progress_clock() -> None:
     assert meter.rate(10.0, 50) == pytest.approx(5.0)  # over the last 5 s or so
 
 
+@pytest.mark.unit
 def test_plain_progress_lines_are_few_and_whole() -> None:
     out = io.StringIO()
     console = Console(file=out, width=40)  # narrower than a line: it must not wrap

@@ -27,6 +27,8 @@ from broker.templates import (
     write_default_template,
 )
 
+pytestmark = pytest.mark.unit
+
 CERT_ID = "770c2b3b" + "0" * 56
 
 
