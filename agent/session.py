@@ -203,6 +203,30 @@ async def _wait_fd(
             loop.remove_reader(fd)
 
 
+def handshake_failure(exc: BaseException, where: str, timeout: float) -> SessionError:
+    """What a failed TLS handshake with ``where`` means, for every transport: the broker not
+    trusted (our side), an alert (the broker refused us), a timeout, or a connection closed
+    without an alert, which refuses nothing (see TlsFailure)."""
+    if isinstance(exc, asyncio.TimeoutError | TimeoutError | socket.timeout):
+        return SessionTimeout(f"TLS handshake with {where} did not finish in {timeout:g} s")
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        hint = "check broker.ca_file and broker.endpoint"
+        if exc.verify_code in X509_NAME_MISMATCH:
+            hint = (
+                "the broker certificate does not name this endpoint: use a name it has, or, "
+                "on an mqtt-fleet broker side, add it: fleet-broker broker-cert --host NAME"
+            )
+        return TlsFailure(f"the broker at {where} is not trusted: {describe_error(exc)} ({hint})")
+    why = describe_error(exc)
+    if isinstance(exc, ssl.SSLError):
+        if "wrong version number" in why:  # what OpenSSL says when the answer is not TLS
+            why += f" (is {where} a TLS port? mqtt-fleet's broker listens with TLS, often 8883)"
+        return TlsFailure(f"TLS handshake with {where} failed: {why}", peer_refused="alert" in why)
+    # A reset without an alert: what a broker that is stopping or starting does (Mosquitto
+    # refuses a certificate with an alert; AWS IoT closes JITP's first connection): transient.
+    return TlsFailure(f"{where} closed the connection during the TLS handshake: {why}")
+
+
 async def open_tls(
     host: str,
     port: int,
@@ -274,38 +298,9 @@ async def open_tls(
                 await _wait_fd(loop, tls.fileno(), write=False, timeout=deadline - loop.time())
             except ssl.SSLWantWriteError:
                 await _wait_fd(loop, tls.fileno(), write=True, timeout=deadline - loop.time())
-    except asyncio.TimeoutError:
+    except (asyncio.TimeoutError, ssl.SSLError, OSError) as exc:
         tls.close()
-        raise SessionTimeout(
-            f"TLS handshake with {where} did not finish in {timeout:g} s"
-        ) from None
-    except ssl.SSLCertVerificationError as exc:
-        tls.close()
-        hint = "check broker.ca_file and broker.endpoint"
-        if exc.verify_code in X509_NAME_MISMATCH:
-            hint = (
-                "the broker certificate does not name this endpoint: use a name it has, or, "
-                "on an mqtt-fleet broker side, add it: fleet-broker broker-cert --host NAME"
-            )
-        raise TlsFailure(
-            f"the broker at {where} is not trusted: {describe_error(exc)} ({hint})"
-        ) from None
-    except ssl.SSLError as exc:
-        tls.close()
-        why = describe_error(exc)
-        if "wrong version number" in why:  # what OpenSSL says when the answer is not TLS
-            why += f" (is {where} a TLS port? mqtt-fleet's broker listens with TLS, often 8883)"
-        raise TlsFailure(
-            f"TLS handshake with {where} failed: {why}", peer_refused="alert" in why
-        ) from None
-    except OSError as exc:
-        # A reset without an alert refuses nothing: it is what a broker that is stopping or
-        # starting does (Mosquitto refuses a certificate with an alert; AWS IoT closes JITP's
-        # first connection), so it counts as transient.
-        tls.close()
-        raise TlsFailure(
-            f"{where} closed the connection during the TLS handshake: {describe_error(exc)}"
-        ) from None
+        raise handshake_failure(exc, where, timeout) from None
     except BaseException:
         tls.close()
         raise
