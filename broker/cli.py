@@ -19,9 +19,11 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
+
 from agent import distribution_version, wire
 from broker import bootstrap, extras
-from broker.config import ConfigError, load_config
+from broker.config import BrokerConfig, ConfigError, load_config
 from broker.hooks import HookConfigError, load_hooks
 from broker.mosquitto import BrokerError, RunFiles, check_broker_can_reach
 from broker.mqtt import ConnectError, connect, disconnect, tls_context
@@ -46,7 +48,7 @@ class CommandError(Exception):
     pass
 
 
-def _config(args: argparse.Namespace, **overrides: object):
+def _config(args: argparse.Namespace, **overrides: object) -> BrokerConfig:
     return load_config(args.dir, getattr(args, "config", None), **overrides)
 
 
@@ -134,7 +136,7 @@ def cmd_down(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _service_client(args: argparse.Namespace, host: str, port: int, purpose: str):
+def _service_client(args: argparse.Namespace, host: str, port: int, purpose: str) -> mqtt.Client:
     pki = PkiPaths(args.dir.resolve())
     return connect(
         host,
@@ -151,7 +153,7 @@ def _sys_values(
     values: dict[str, str] = {}
     got = threading.Event()
 
-    def on_message(_c: object, _u: object, message) -> None:
+    def on_message(_c: object, _u: object, message: mqtt.MQTTMessage) -> None:
         values[message.topic] = message.payload.decode(errors="replace")
         if all(t in values for t in topics):
             got.set()
@@ -218,6 +220,12 @@ def _actor() -> str:
     return f"{user}@{socket.gethostname()} (fleet-broker)"
 
 
+def _endpoint(value: str) -> str:
+    if not value.strip():
+        raise argparse.ArgumentTypeError("give the broker's host name, not an empty string")
+    return value.strip()
+
+
 def cmd_revoke(args: argparse.Namespace) -> int:
     started = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1)
     revoked = bootstrap.revoke(args.dir, args.target, actor=_actor(), with_claim=args.claim)
@@ -248,12 +256,15 @@ def cmd_revoke(args: argparse.Namespace) -> int:
             "(--endpoint HOST: at once)"
         )
         return EXIT_OK
-    host, port = (args.endpoint, args.port) if args.endpoint else (state.host, state.port)
-    if args.endpoint is None:
-        # Reload before the kick: the kicked device reconnects at once, and its handshake must
-        # meet the new CRL (a "certificate revoked" alert stops an agent for good; the plugin's
-        # CONNECT refusal alone makes it wait and retry). Mosquitto takes the signal in its
-        # next loop turn, long before the kick's own connection is up.
+    if args.endpoint is not None:
+        host, port = args.endpoint, args.port
+    else:
+        assert state is not None  # the local broker (see above)
+        host, port = state.host, state.port
+        # Reload before the kick: the kicked device reconnects at once, and its handshake
+        # must meet the new CRL (a "certificate revoked" alert stops an agent for good; the
+        # plugin's CONNECT refusal alone makes it wait and retry). Mosquitto takes the signal
+        # in its next loop turn, long before the kick's own connection is up.
         os.kill(state.mosquitto_pid, signal.SIGHUP)
     try:
         client = _service_client(args, host, port, "revoke")
@@ -421,7 +432,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
 
-    def on_message(_c: object, _u: object, message) -> None:
+    def on_message(_c: object, _u: object, message: mqtt.MQTTMessage) -> None:
         stamp = time.strftime("%H:%M:%S")
         text = message.payload.decode(errors="replace")
         print(f"{stamp} {message.topic} {text}", flush=True)
@@ -448,7 +459,12 @@ def _desired_state(assignments: Sequence[str]) -> dict[str, object]:
 
 def cmd_shadow(args: argparse.Namespace) -> int:
     host, port = _broker_address(args)
-    operation = {"get": "get", "desire": "update", "delete": "delete"}[args.shadow_command]
+    operations: dict[str, wire.ShadowOperation] = {
+        "get": "get",
+        "desire": "update",
+        "delete": "delete",
+    }
+    operation = operations[args.shadow_command]
     request: dict[str, object] = {"clientToken": f"fleet-cli-{os.getpid()}-{time.time_ns()}"}
     if args.shadow_command == "desire":
         request["state"] = {"desired": _desired_state(args.assignments)}
@@ -461,12 +477,12 @@ def cmd_shadow(args: argparse.Namespace) -> int:
                         "lists them); the shadow is changed all the same",
                         file=sys.stderr,
                     )
-    topic = wire.shadow_topic(args.thing, operation, args.name)  # type: ignore[arg-type]
-    replies = {wire.reply(topic, "accepted"), wire.reply(topic, "rejected")}  # type: ignore[arg-type]
+    topic = wire.shadow_topic(args.thing, operation, args.name)
+    replies = {wire.reply(topic, "accepted"), wire.reply(topic, "rejected")}
     answer: dict[str, object] = {}
     got = threading.Event()
 
-    def on_message(_c: object, _u: object, message) -> None:
+    def on_message(_c: object, _u: object, message: mqtt.MQTTMessage) -> None:
         if message.topic in replies:
             document = json.loads(message.payload)
             if document.get("clientToken") == request["clientToken"]:
@@ -628,6 +644,7 @@ def _add_endpoint(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--endpoint",
         metavar="HOST",
+        type=_endpoint,
         help="a broker that does not run from this folder here (in docker compose: broker, "
         "from the services container); default: the local fleet-broker up",
     )
@@ -639,7 +656,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         extras.require("broker", ["cbor2"], command="fleet-broker")
-        return args.handler(args)
+        handler: Callable[[argparse.Namespace], int] = args.handler
+        return handler(args)
     except (ConfigError, TemplateLoadError, HookConfigError, extras.MissingExtra) as exc:
         print(f"fleet-broker: error: {exc}", file=sys.stderr)
         return EXIT_USAGE  # what the user configured: fix it, do not retry

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import paho.mqtt.client as mqtt
+from typing import Protocol
 
 from agent import wire
 
@@ -27,7 +26,14 @@ class Request:
     sender: Sender
 
 
-def sender_of(message: mqtt.MQTTMessage) -> Sender | None:
+class Stamped(Protocol):
+    """A received PUBLISH: paho's MQTTMessage, or the services' own Inbound."""
+
+    @property
+    def properties(self) -> object: ...
+
+
+def sender_of(message: Stamped) -> Sender | None:
     """The plugin's stamp on a forwarded request, or None if it carries none."""
     for name, value in getattr(message.properties, "UserProperty", None) or ():
         if name == wire.PROPERTY_SENDER:

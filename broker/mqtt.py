@@ -7,6 +7,7 @@ import ssl
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -42,8 +43,9 @@ def connect(
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
     client.tls_set_context(context)
     # Replies published from worker threads must not wait behind an unacknowledged PUBACK for
-    # the peer's delayed ACK (Nagle): that cost 40 ms per provisioning request.
-    client.on_socket_open = lambda _c, _u, sock: sock.setsockopt(
+    # the peer's delayed ACK (Nagle): that cost 40 ms per provisioning request. paho types the
+    # socket as its minimal SocketLike; with tls_set_context (no websockets) it is an SSLSocket.
+    client.on_socket_open = lambda _c, _u, sock: cast(ssl.SSLSocket, sock).setsockopt(
         socket.IPPROTO_TCP, socket.TCP_NODELAY, 1
     )
     if on_message is not None:
@@ -56,7 +58,8 @@ def connect(
         done.set()
 
     client.on_connect = on_connect
-    properties = Properties(PacketTypes.CONNECT)
+    # paho's Properties has no annotations; --strict calls that an untyped call.
+    properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     properties.SessionExpiryInterval = session_expiry
     try:
         client.connect(host, port, keepalive, clean_start=clean_start, properties=properties)

@@ -17,6 +17,8 @@ from agent import wire
 Role = Literal["device", "claim", "service"]
 Access = Literal["publish", "subscribe", "receive"]
 
+ACCESS_KINDS: tuple[Access, ...] = ("publish", "subscribe", "receive")
+
 THING = "%t"
 
 
@@ -58,14 +60,14 @@ def rules() -> Iterator[Rule]:
         yield Rule("claim", "subscribe", topic)
 
     # The fleet services and operator tools.
-    for access in ("publish", "subscribe", "receive"):
+    for access in ACCESS_KINDS:
         yield Rule("service", access, "$aws/#")
         yield Rule("service", access, "#")
     yield Rule("service", "subscribe", "$SYS/#")
     yield Rule("service", "receive", "$SYS/#")
     yield Rule("service", "publish", wire.CONTROL_TOPIC)
     yield Rule("service", "receive", wire.FIRST_CONNECT_TOPIC)
-    for access in ("publish", "subscribe", "receive"):
+    for access in ACCESS_KINDS:
         yield Rule("service", access, wire.SERVICE_STATS_TOPIC)
 
 

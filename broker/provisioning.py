@@ -15,7 +15,7 @@ import logging
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 from cryptography.hazmat.primitives import serialization
 
@@ -54,6 +54,27 @@ TOKEN_MESSAGES = {
     "used": "Certificate ownership token has already been used.",
     "expired": "Certificate ownership token has expired.",
 }
+
+
+class IssuedCertificate(TypedDict):
+    """CreateCertificateFromCsr's accepted reply."""
+
+    certificateId: str
+    certificatePem: str
+    certificateOwnershipToken: str
+
+
+class IssuedKeysAndCertificate(IssuedCertificate):
+    """CreateKeysAndCertificate's accepted reply: the same, with the key the service made."""
+
+    privateKey: str
+
+
+class RegisteredThing(TypedDict):
+    """RegisterThing's accepted reply."""
+
+    thingName: str
+    deviceConfiguration: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -107,6 +128,7 @@ class ProvisioningService:
                 # before that (or while its disconnect was lost) must not be acted on.
                 raise access_denied("The certificate of this connection is not ACTIVE.")
             document = self._decode(payload, fmt)
+            answer: IssuedCertificate | RegisteredThing
             if operation == "create-from-csr":
                 answer = self.create_certificate_from_csr(document, caller)
             elif operation == "create":
@@ -126,8 +148,8 @@ class ProvisioningService:
             return wire.reply(topic, "rejected"), wire.encode(rejection.document(), fmt)
         except Exception:  # a bug of ours must still get the device an answer
             log.exception("%s from %s failed", operation, caller.client_id)
-            rejection = internal("Internal service failure")
-            return wire.reply(topic, "rejected"), wire.encode(rejection.document(), fmt)
+            failure = internal("Internal service failure")
+            return wire.reply(topic, "rejected"), wire.encode(failure.document(), fmt)
 
     @staticmethod
     def _decode(payload: bytes, fmt: wire.PayloadFormat) -> dict[str, Any]:
@@ -145,7 +167,7 @@ class ProvisioningService:
 
     # ------------------------------------------------------------ certificates
 
-    def _issue(self, certificate: Any, caller: Sender) -> dict[str, str]:
+    def _issue(self, certificate: Any, caller: Sender) -> IssuedCertificate:
         token = secrets.token_urlsafe(32)  # 256 bits
         record = self.registry.issue_device_certificate(
             certificate,
@@ -176,7 +198,9 @@ class ProvisioningService:
                 f"{age.total_seconds():.0f} s old; renew in {wait:.0f} s at the earliest."
             )
 
-    def create_certificate_from_csr(self, document: dict[str, Any], caller: Sender) -> dict:
+    def create_certificate_from_csr(
+        self, document: dict[str, Any], caller: Sender
+    ) -> IssuedCertificate:
         self._check_renewal_pace(caller)
         csr_pem = document.get("certificateSigningRequest")
         if csr_pem is None:
@@ -192,7 +216,7 @@ class ProvisioningService:
         )
         return answer
 
-    def create_keys_and_certificate(self, caller: Sender) -> dict:
+    def create_keys_and_certificate(self, caller: Sender) -> IssuedKeysAndCertificate:
         if not self.settings.allow_server_generated_keys:
             raise access_denied(
                 "CreateKeysAndCertificate is disabled on this broker: keys should be made on the "
@@ -205,12 +229,15 @@ class ProvisioningService:
             validity=self.settings.device_validity,
             purpose="client",
         )
-        answer = self._issue(certificate, caller)
-        answer["privateKey"] = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ).decode()
+        issued = self._issue(certificate, caller)
+        answer: IssuedKeysAndCertificate = {
+            **issued,
+            "privateKey": key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ).decode(),
+        }
         log.info(
             "issued keys and certificate %s… to %s", answer["certificateId"][:12], caller.client_id
         )
@@ -218,7 +245,9 @@ class ProvisioningService:
 
     # ------------------------------------------------------------- registration
 
-    def register_thing(self, template_name: str, document: dict[str, Any], caller: Sender) -> dict:
+    def register_thing(
+        self, template_name: str, document: dict[str, Any], caller: Sender
+    ) -> RegisteredThing:
         template = self.templates.get(template_name)
         if template is None:
             raise not_found(f"Provisioning template {template_name} does not exist.")

@@ -731,9 +731,10 @@ class SQLiteRegistry:
 
     @staticmethod
     def _certificate_row(db: sqlite3.Connection, cert_id: str) -> sqlite3.Row | None:
-        return db.execute(
+        row: sqlite3.Row | None = db.execute(  # the connection's row_factory is sqlite3.Row
             f"SELECT {_CERT_COLUMNS} FROM certificates WHERE id = ?", (cert_id.lower(),)
         ).fetchone()
+        return row
 
     def get_certificate(self, cert_id: str) -> CertificateRecord | None:
         with self._lock:
@@ -1041,7 +1042,7 @@ class SQLiteRegistry:
 
     @staticmethod
     def _valid_token_row(db: sqlite3.Connection, token: str, moment: float) -> sqlite3.Row:
-        row = db.execute(
+        row: sqlite3.Row | None = db.execute(
             "SELECT token_hash, certificate_id, expires_at, used_at, requested_by"
             " FROM ownership_tokens"
             " WHERE token_hash = ?",

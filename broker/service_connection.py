@@ -119,9 +119,12 @@ def _string(text: str) -> bytes:
     return len(raw).to_bytes(2, "big") + raw
 
 
-def _properties(data: bytes | bytearray, pos: int, end: int) -> tuple[dict[int, object], list]:
-    """Single-valued properties by identifier, and the user properties in order."""
-    values: dict[int, object] = {}
+def _properties(
+    data: bytes | bytearray, pos: int, end: int
+) -> tuple[dict[int, int | bytes], list[tuple[str, str]]]:
+    """Single-valued properties by identifier (integers, or the bytes of a string or binary
+    data), and the user properties in order."""
+    values: dict[int, int | bytes] = {}
     users: list[tuple[str, str]] = []
     while pos < end:
         ident = data[pos]
@@ -286,9 +289,9 @@ class ServiceConnection:
             raise ConnectError(f"{where} refused the connection: {reason}")
         parsed = _varint(body, 2, len(body))
         values = _properties(body, parsed[1], parsed[1] + parsed[0])[0] if parsed else {}
-        self._window = int(values.get(0x21, 65535))  # type: ignore[call-overload]
-        self._max_packet = int(values.get(0x27, 268435455))  # type: ignore[call-overload]
-        self._keepalive = int(values.get(0x13, self._keepalive))  # type: ignore[call-overload]
+        self._window = int(values.get(0x21, 65535))
+        self._max_packet = int(values.get(0x27, 268435455))
+        self._keepalive = int(values.get(0x13, self._keepalive))
         if not body[0] & 0x01:  # no session: the broker forgot the QoS 2 exchanges too
             self._qos2.clear()
         sock.setblocking(False)

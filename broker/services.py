@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from agent import wire
@@ -66,7 +67,30 @@ class Responder:
 
 Handler = Callable[[Request, Responder], None]
 BatchHandler = Callable[[list[Request], Responder], None]
-_INLINE, _POOL, _BATCH = "inline", "pool", "batch"  # how a route's handler runs
+
+
+@dataclass(frozen=True, slots=True)
+class _Route:
+    """Requests one at a time: inline, or in the pool if the handler may block."""
+
+    pattern: re.Pattern[str]
+    handler: Handler
+    may_block: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _BatchRoute:
+    """Requests inline, in arrival order, several at once when several arrived together."""
+
+    pattern: re.Pattern[str]
+    handler: BatchHandler
+
+
+@dataclass(slots=True)
+class _Periodic:
+    every: float
+    due: float  # time.monotonic()
+    task: Callable[[], None]
 
 
 def _filter_pattern(topic_filter: str) -> re.Pattern[str]:
@@ -85,13 +109,13 @@ class FleetServices:
     def __init__(self, config: BrokerConfig) -> None:
         self.config = config
         self.files = RunFiles(config.run_dir)
-        self._routes: list[tuple[re.Pattern[str], Handler | BatchHandler, str]] = []
+        self._routes: list[_Route | _BatchRoute] = []
         self._stop = threading.Event()
         self._unrouted: set[str] = set()
         # Handlers that may block (a pre-provisioning hook may take 5 s) run here, so one slow
         # request never stalls the others. Batch handlers run inline, in arrival order.
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fleet-worker")
-        self._periodic: list[list] = []
+        self._periodic: list[_Periodic] = []
         self._responder: Responder | None = None
         self._connection: ServiceConnection | None = None
         # Requests handed to the pool and not finished: its queue plus those running.
@@ -100,14 +124,12 @@ class FleetServices:
         self._received = 0
 
     def route(self, topic_filter: str, handler: Handler, *, may_block: bool = False) -> None:
-        self._routes.append(
-            (_filter_pattern(topic_filter), handler, _POOL if may_block else _INLINE)
-        )
+        self._routes.append(_Route(_filter_pattern(topic_filter), handler, may_block))
 
     def route_batch(self, topic_filter: str, handler: BatchHandler) -> None:
         """Requests on ``topic_filter`` go to ``handler`` inline, in arrival order, several at
         once when several arrived together; they are acknowledged when it returns."""
-        self._routes.append((_filter_pattern(topic_filter), handler, _BATCH))
+        self._routes.append(_BatchRoute(_filter_pattern(topic_filter), handler))
 
     def publish_stats(self, every: float = 1.0) -> None:
         """Publish `stats()` on SERVICE_STATS_TOPIC every so often (only the service identity
@@ -116,7 +138,7 @@ class FleetServices:
 
     def every(self, seconds: float, task: Callable[[], None]) -> None:
         """Run ``task`` periodically on the service's own loop."""
-        self._periodic.append([seconds, time.monotonic() + seconds, task])
+        self._periodic.append(_Periodic(seconds, time.monotonic() + seconds, task))
 
     def stop(self) -> None:
         self._stop.set()
@@ -126,21 +148,21 @@ class FleetServices:
         assert responder is not None
         batches: dict[BatchHandler, list[Request]] = {}
         for message in messages:
-            sender = sender_of(message)  # type: ignore[arg-type]  # Inbound has its shape
+            sender = sender_of(message)
             if sender is None:
                 log.warning("dropped a message on %s without broker identity", message.topic)
                 continue
             request = Request(message.topic, message.payload, sender)
-            for pattern, handler, how in self._routes:
-                if pattern.fullmatch(message.topic):
-                    if how is _BATCH:
-                        batches.setdefault(handler, []).append(request)  # type: ignore[arg-type]
-                    elif how is _POOL:
+            for route in self._routes:
+                if route.pattern.fullmatch(message.topic):
+                    if isinstance(route, _BatchRoute):
+                        batches.setdefault(route.handler, []).append(request)
+                    elif route.may_block:
                         with self._in_pool_lock:
                             self._in_pool += 1
-                        self._pool.submit(self._run_pooled, handler, request, responder)
+                        self._pool.submit(self._run_pooled, route.handler, request, responder)
                     else:
-                        self._run(handler, request, responder)  # type: ignore[arg-type]
+                        self._run(route.handler, request, responder)
                     break
             else:
                 if message.topic not in self._unrouted:
@@ -202,11 +224,11 @@ class FleetServices:
         try:
             while not self._stop.wait(0.25):
                 now = time.monotonic()
-                for entry in self._periodic:
-                    if now >= entry[1]:
-                        entry[1] = now + entry[0]
+                for periodic in self._periodic:
+                    if now >= periodic.due:
+                        periodic.due = now + periodic.every
                         try:
-                            entry[2]()
+                            periodic.task()
                         except Exception:
                             log.exception("periodic task failed")
         finally:

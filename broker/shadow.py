@@ -317,7 +317,7 @@ def compute_delta(desired: JSONObject, reported: JSONObject) -> JSONObject:
 
 
 def _document_delta(doc: ShadowDocument) -> JSONObject | None:
-    desired = doc.state.get(DESIRED)
+    desired: JSONObject | None = doc.state.get(DESIRED)
     if not desired:
         return None
     reported = doc.state.get(REPORTED)

@@ -60,9 +60,13 @@ class _Console(Console):
 
 
 def _subcommand(
-    sub: argparse._SubParsersAction, name: str, **kwargs: str
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    *,
+    help: str,
+    description: str,
 ) -> argparse.ArgumentParser:
-    return sub.add_parser(name, epilog=EXIT_CODES, **kwargs)
+    return sub.add_parser(name, epilog=EXIT_CODES, help=help, description=description)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_demo(sub: argparse._SubParsersAction) -> None:
+def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     demo = _subcommand(
         sub,
         "demo",
@@ -158,7 +162,7 @@ def _default(flag: str) -> str:
     return f"default {value:g}" if isinstance(value, int | float) else f"default {value}"
 
 
-def _add_run(sub: argparse._SubParsersAction) -> None:
+def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run = _subcommand(
         sub,
         "run",

@@ -406,7 +406,7 @@ async def _shadow(
         )
         await asyncio.sleep(0)  # the waiter is registered before the change goes out
         publish_times[thing] = time.perf_counter()
-        desired = {"mode": ("eco", "boost")[change % 2], "demo_change": change}
+        desired: dict[str, object] = {"mode": ("eco", "boost")[change % 2], "demo_change": change}
         desired[SENT_AT_KEY] = time.time()  # virtual devices time the delta's delivery by it
         operator.desire(thing, desired)
         try:

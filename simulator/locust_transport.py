@@ -28,12 +28,13 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, cast
 
-import gevent
+# gevent ships no type hints (and typeshed has no stubs for it): its names are Any here.
+import gevent  # type: ignore[import-untyped]
 import paho.mqtt.client as mqtt
-from gevent.event import AsyncResult
-from gevent.socket import wait, wait_write
+from gevent.event import AsyncResult  # type: ignore[import-untyped]
+from gevent.socket import wait, wait_write  # type: ignore[import-untyped]
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -82,7 +83,7 @@ class Message:
         except ValueError:
             return None
 
-    def field(self, name: str) -> Any:
+    def field(self, name: str) -> object:
         document = self.document
         return document.get(name) if isinstance(document, dict) else None
 
@@ -176,7 +177,8 @@ class Connection:
         return connection
 
     def _start(self, tls: ssl.SSLSocket, deadline: float) -> None:
-        properties = Properties(PacketTypes.CONNECT)
+        # paho's Properties has no annotations; --strict calls that an untyped call.
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         properties.SessionExpiryInterval = 0
         self._client.prepared = tls
         try:
@@ -270,7 +272,8 @@ class Connection:
             mid = info.mid
             self._acks[mid] = waiter.result  # a failed PUBACK fails the request
             self._flush(timeout)
-            return waiter.result.get(timeout=timeout)
+            answer: Message = waiter.result.get(timeout=timeout)  # gevent is untyped
+            return answer
         except gevent.Timeout:
             # No topic in the text: it names the thing, and Locust groups failures by text.
             raise SessionTimeout(f"no reply from {self.where} within {timeout:g} s") from None
@@ -339,8 +342,9 @@ class Connection:
                 wait(watcher, timeout=tick, timeout_exc=False)  # False: just return on timeout
                 rc = client.loop_read()
                 # Decrypted bytes can wait inside the TLS layer with the socket drained.
+                # paho types its socket as SocketLike; ours is the SSLSocket _open_tls made.
                 while rc == mqtt.MQTT_ERR_SUCCESS and (s := client.socket()) is not None:
-                    if not s.pending():  # type: ignore[union-attr]
+                    if not cast(ssl.SSLSocket, s).pending():
                         break
                     rc = client.loop_read()
                 if rc == mqtt.MQTT_ERR_SUCCESS and client.want_write():

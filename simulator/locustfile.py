@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 from urllib.parse import urlsplit
 
-import gevent
+import gevent  # type: ignore[import-untyped]  # gevent ships no type hints
 from cryptography.hazmat.primitives import serialization
 from locust import User, events, task
 from locust.env import Environment
@@ -238,7 +238,8 @@ METAVARS = {
 }
 
 
-@events.init_command_line_parser.add_listener
+# locust's EventHook.add_listener has no annotations: --strict calls it an untyped decorator.
+@events.init_command_line_parser.add_listener  # type: ignore[untyped-decorator]
 def add_options(parser: Any) -> None:
     for dest, (flag, _, kind, text) in OPTIONS.items():
         metavar = METAVARS.get(dest, "N")
@@ -295,7 +296,7 @@ def resolve(values: Mapping[str, Any], host: str | None, *, required: bool) -> S
     for dest, what in REQUIRED.items():
         if not given[dest]:
             raise OptionError(f"{OPTIONS[dest][0]} is required: {what}")
-    option = {
+    option: dict[str, Any] = {
         dest: default if given[dest] is None else given[dest]
         for dest, (_, default, _, _) in OPTIONS.items()
     }
@@ -357,7 +358,7 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
-@events.init.add_listener
+@events.init.add_listener  # type: ignore[untyped-decorator]
 def _on_init(environment: Environment, **_: Any) -> None:
     options = environment.parsed_options
     if options is None:
@@ -374,7 +375,7 @@ def _on_init(environment: Environment, **_: Any) -> None:
         _fail(str(exc))
 
 
-@events.test_start.add_listener
+@events.test_start.add_listener  # type: ignore[untyped-decorator]
 def _on_test_start(environment: Environment, **_: Any) -> None:
     if isinstance(environment.runner, MasterRunner):
         return
@@ -479,7 +480,7 @@ class FleetDevice(User):
         self.settings = _Process.settings
         self.serial = _Process.serial(self.settings.serial_prefix if self.settings else "locust")
         self.thing: str | None = None
-        self.context: ssl.SSLContext | None = None
+        self.tls: ssl.SSLContext | None = None  # not `context`: User.context() is locust's
         self.conn: Connection | None = None
         self.tracker = ShadowTracker()
         self.failures = 0
@@ -524,10 +525,10 @@ class FleetDevice(User):
 
     def _go_online(self) -> None:
         self._go_offline()
-        if self.context is None:
+        if self.tls is None:
             self._onboarding_since = time.perf_counter()
         try:
-            if self.context is None:
+            if self.tls is None:
                 self._onboard()
             self._connect_thing()
         except _StepFailed:
@@ -611,7 +612,7 @@ class FleetDevice(User):
         finally:
             claim.close()
         self.thing = result.thing_name
-        self.context = device_context(s.ca, key, result.certificate_pem)
+        self.tls = device_context(s.ca, key, result.certificate_pem)
 
     def _provision(
         self, claim: Connection, flow: ClaimFlow, request: Request
@@ -629,8 +630,8 @@ class FleetDevice(User):
 
     def _connect_thing(self) -> None:
         s, thing = self.settings, self.thing
-        assert s is not None and thing is not None and self.context is not None
-        conn = self._connect("thing", thing, self.context)
+        assert s is not None and thing is not None and self.tls is not None
+        conn = self._connect("thing", thing, self.tls)
         conn.route(wire.shadow_reply(thing, "get", wire.ACCEPTED), self._on_document)
         conn.route(wire.shadow_reply(thing, "update", wire.ACCEPTED), self._on_update)
         conn.route(wire.shadow_delta(thing), self._on_delta)
@@ -758,7 +759,7 @@ class FleetDevice(User):
                 self._step(
                     "shadow",
                     "delta -> reported",
-                    lambda d=document: self._shadow("update", d),  # type: ignore[misc]
+                    functools.partial(self._shadow, "update", document),
                     started,
                 )
             except _StepFailed:

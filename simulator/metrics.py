@@ -252,6 +252,7 @@ class Recorder:
         for step, (all_offsets, all_durations) in self._steps.items():
             if only is not None and step not in only:
                 continue
+            offsets: Sequence[float]
             if whole:
                 offsets, ordered = all_offsets, sorted(all_durations)
             else:
@@ -353,8 +354,8 @@ class Recorder:
     def _gauge_series(self, bucket: float, n: int) -> dict[str, list[float | None]]:
         # Group `name@source` gauges under `name`; a plain `name` is a source of its own.
         sources: dict[str, list[list[tuple[float, float]]]] = {}
-        for name, samples in self._gauges.items():
-            sources.setdefault(name.partition("@")[0], []).append(sorted(samples.values()))
+        for name, by_second in self._gauges.items():
+            sources.setdefault(name.partition("@")[0], []).append(sorted(by_second.values()))
         series: dict[str, list[float | None]] = {}
         for name, per_source in sources.items():
             latest: list[float | None] = [None] * len(per_source)

@@ -27,10 +27,13 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from multiprocessing.process import BaseProcess
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +56,7 @@ from simulator.metrics import Recorder, in_step_order, step_label
 from simulator.plots import write_plots
 from simulator.scenario import Scenario
 from simulator.virtual_device import SENT_AT_KEY, Target
-from simulator.worker import WorkerPlan, worker_main
+from simulator.worker import WorkerMessage, WorkerPlan, worker_main
 
 SYS_TOPICS = {
     "$SYS/broker/clients/connected": "broker_clients_connected",
@@ -259,7 +262,7 @@ class Operator:
                 self.state.broker[name] = value
                 self.state.recorder.gauge(name, value)
 
-    def _on_service_stats(self, payload: bytes) -> None:
+    def _on_service_stats(self, payload: bytes | bytearray) -> None:
         try:
             stats = json.loads(payload)
         except ValueError:
@@ -276,8 +279,9 @@ class Operator:
             thing = random.choice(things) if things else None
         if thing is None:
             return
-        document = {"state": {"desired": {"mode": random.choice(["eco", "boost", "off"])}}}
-        document["state"]["desired"][SENT_AT_KEY] = time.time()
+        desired: dict[str, object] = {"mode": random.choice(["eco", "boost", "off"])}
+        desired[SENT_AT_KEY] = time.time()
+        document = {"state": {"desired": desired}}
         self.client.publish(wire.shadow_topic(thing, "update"), json.dumps(document), qos=1)
         self.desired_sent += 1
 
@@ -421,7 +425,17 @@ class _Interrupt:
 
 
 def _drive(
-    scenario, state, lock, out, stop, storm, operator, clock, show, processes, interrupt
+    scenario: Scenario,
+    state: FleetState,
+    lock: threading.Lock,
+    out: Queue[WorkerMessage],
+    stop: Event,
+    storm: Event,
+    operator: Operator | None,
+    clock: progress.Progress,
+    show: Callable[[str], None],
+    processes: Sequence[BaseProcess],
+    interrupt: _Interrupt,
 ) -> bool:
     """The run's clock: onboarding, hold, storm, stop; ``show(phase)`` shows the progress.
     True if interrupted."""
@@ -462,7 +476,9 @@ def _drive(
         return True
 
 
-def _drain(state: FleetState, lock: threading.Lock, out: Any, timeout: float) -> None:
+def _drain(
+    state: FleetState, lock: threading.Lock, out: Queue[WorkerMessage], timeout: float
+) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -473,7 +489,12 @@ def _drain(state: FleetState, lock: threading.Lock, out: Any, timeout: float) ->
             state.absorb(message)
 
 
-def _collect_until_done(state, lock, out, processes) -> None:
+def _collect_until_done(
+    state: FleetState,
+    lock: threading.Lock,
+    out: Queue[WorkerMessage],
+    processes: Sequence[BaseProcess],
+) -> None:
     deadline = time.monotonic() + 60
     while len(state.finished) < len(processes) and time.monotonic() < deadline:
         if all(not p.is_alive() for p in processes) and out.empty():
@@ -496,7 +517,14 @@ def _snapshot(
     )
 
 
-def _report(scenario, state, started, interrupted, operator, workers) -> dict[str, Any]:
+def _report(
+    scenario: Scenario,
+    state: FleetState,
+    started: float,
+    interrupted: bool,
+    operator: Operator | None,
+    workers: int,
+) -> dict[str, Any]:
     summary = state.recorder.summary()
     onboarded = sum(state.onboarded.values())
     grown_kb = sum(state.rss_kb.values()) - sum(state.baseline_rss_kb.values())

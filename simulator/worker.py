@@ -49,7 +49,12 @@ class WorkerPlan:
     ceiling_window: tuple[float, float] | None = None  # wall clock: bare connects from, until
 
 
-def worker_main(plan: WorkerPlan, out: Queue, stop: Event, storm: Event) -> None:
+#: What a worker sends the parent: its figures so far (``"metrics"`` and the counts), or a
+#: ``"fatal"`` error; always with its ``"worker"`` index. run.FleetState.absorb reads them.
+WorkerMessage = dict[str, Any]
+
+
+def worker_main(plan: WorkerPlan, out: Queue[WorkerMessage], stop: Event, storm: Event) -> None:
     """Process entry point. Ctrl-C and SIGTERM are the parent's to handle (a terminal, a
     ``timeout`` or a CI cancel signal the whole group): it sets ``stop``, and the devices
     disconnect and their figures reach the report. Should the parent die, even by SIGKILL,
@@ -82,7 +87,9 @@ async def _cancel_all(tasks: set[asyncio.Task[Any]]) -> None:
 
 
 class _Worker:
-    def __init__(self, plan: WorkerPlan, out: Queue, stop: Event, storm: Event) -> None:
+    def __init__(
+        self, plan: WorkerPlan, out: Queue[WorkerMessage], stop: Event, storm: Event
+    ) -> None:
         self.plan = plan
         self.scenario = plan.scenario
         self.out = out
