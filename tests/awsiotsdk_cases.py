@@ -23,6 +23,8 @@ from cryptography.x509.oid import NameOID
 
 from tests.fleet import Fleet, running_fleet
 
+pytestmark = pytest.mark.stack
+
 
 @pytest.fixture(scope="module")
 def fleet() -> Iterator[Fleet]:
