@@ -698,16 +698,7 @@ class Session:
             return
         self._closed.set_result(None)
         if not self._connack.done():
-            detail = self._last_error or why
-            refused = "alert" in detail.lower()  # a bare reset: see open_tls
-            error: SessionError = (
-                TlsFailure(
-                    f"{self.where} closed the TLS connection before CONNACK: {_tls_detail(detail)}",
-                    peer_refused=refused,
-                )
-                if refused or "ssl" in detail.lower()
-                else ConnectionLost(f"{self.where} closed the connection before CONNACK ({why})")
-            )
+            error = closed_before_connack(self.where, self._last_error or why, why)
             self._connack.set_exception(error)
             self._connack.exception()  # retrieved: no "never retrieved" warning if unawaited
         lost = ConnectionLost(f"the connection to {self.where} closed ({why})")
@@ -745,6 +736,18 @@ class Session:
                 log.exception("session %s: message handler failed", self.client_id)
         else:
             log.debug("session %s: unexpected message on %s", self.client_id, delivered.topic)
+
+
+def closed_before_connack(where: str, detail: str, why: str) -> SessionError:
+    """The connection ended before CONNACK, for every transport: ``detail`` is the last
+    socket or TLS error seen (or ``why``). Only an alert refuses us; see handshake_failure."""
+    refused = "alert" in detail.lower()
+    if refused or "ssl" in detail.lower():
+        return TlsFailure(
+            f"{where} closed the TLS connection before CONNACK: {_tls_detail(detail)}",
+            peer_refused=refused,
+        )
+    return ConnectionLost(f"{where} closed the connection before CONNACK ({why})")
 
 
 def _tls_detail(text: str) -> str:

@@ -50,7 +50,10 @@ from agent.session import (
     SessionTimeout,
     SubscribeRefused,
     TlsFailure,
+    TlsSource,
+    closed_before_connack,
     describe_error,
+    handshake_failure,
 )
 
 log = logging.getLogger("fleet.locust.transport")
@@ -97,7 +100,7 @@ class _Waiter:
     result: AsyncResult = field(default_factory=AsyncResult)
 
 
-def _open_tls(host: str, port: int, context: ssl.SSLContext, deadline: float) -> ssl.SSLSocket:
+def _open_tls(host: str, port: int, context: TlsSource, deadline: float) -> ssl.SSLSocket:
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     timeout = deadline - time.monotonic()
     try:
@@ -110,27 +113,18 @@ def _open_tls(host: str, port: int, context: ssl.SSLContext, deadline: float) ->
         ) from None
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        tls = context.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False)
+        # A shared context gets this device's pair loaded here: nothing yields to another
+        # greenlet between that and the TLS object's creation (simulator/shared_tls.py).
+        ready = context() if callable(context) else context
+        tls = ready.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False)
         tls.settimeout(max(0.001, deadline - time.monotonic()))
         tls.do_handshake()
-    except ssl.SSLCertVerificationError as exc:
+    except (ssl.SSLError, OSError) as exc:  # TimeoutError included
         sock.close()
-        raise TlsFailure(f"the broker at {where} is not trusted: {describe_error(exc)}") from None
-    except ssl.SSLError as exc:
+        raise handshake_failure(exc, where, timeout) from None
+    except BaseException:
         sock.close()
-        raise TlsFailure(
-            f"TLS handshake with {where} failed: {describe_error(exc)}",
-            peer_refused="alert" in describe_error(exc),
-        ) from None
-    except TimeoutError:
-        sock.close()
-        raise SessionTimeout(f"TLS handshake with {where} did not finish in time") from None
-    except OSError as exc:
-        sock.close()
-        raise TlsFailure(
-            f"{where} closed the connection during the TLS handshake: {describe_error(exc)}",
-            peer_refused=True,
-        ) from None
+        raise
     return tls
 
 
@@ -164,7 +158,7 @@ class Connection:
         port: int,
         *,
         client_id: str,
-        context: ssl.SSLContext,
+        context: TlsSource,
         timeout: float,
         keepalive: int = 120,
     ) -> Connection:
@@ -369,14 +363,7 @@ class Connection:
         if self.closed_reason is None:
             self.closed_reason = why
         if not self._connack.ready():
-            detail = self._last_error or why
-            if "ssl" in detail.lower() or "alert" in detail.lower():
-                error: SessionError = TlsFailure(
-                    f"{self.where} closed the TLS connection before CONNACK: {detail}",
-                    peer_refused=True,
-                )
-            else:
-                error = ConnectionLost(f"{self.where} closed the connection before CONNACK")
+            error = closed_before_connack(self.where, self._last_error or why, why)
             self._connack.set_exception(error)
         lost = ConnectionLost(f"the connection to {self.where} closed ({self.closed_reason})")
         pending = [*self._acks.values(), *(w.result for ws in self._waiters.values() for w in ws)]

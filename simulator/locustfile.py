@@ -44,10 +44,10 @@ import random
 import secrets
 import ssl
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 from urllib.parse import urlsplit
 
@@ -77,6 +77,7 @@ from agent.session import (
     SessionTimeout,
     SubscribeRefused,
     TlsFailure,
+    TlsSource,
     tls_context,
 )
 from agent.shadow import (
@@ -87,6 +88,7 @@ from agent.shadow import (
     new_client_token,
     update_request,
 )
+from simulator import shared_tls
 from simulator.locust_transport import Connection, Message
 
 log = logging.getLogger("fleet.locust")
@@ -452,18 +454,13 @@ class _StepFailed(Exception):
     """Raised after a failed step has been reported: stop what depends on it."""
 
 
-def device_context(ca: str, key: PrivateKey, certificate_pem: str) -> ssl.SSLContext:
-    """A TLS context for the device's new identity. OpenSSL reads a certificate chain only from
-    a file, so key and certificate pass through a 0600 file (in /dev/shm where there is one)
-    that is gone when this returns; the key is never written anywhere else."""
+def device_identity(ca: str, key: PrivateKey, certificate_pem: str) -> TlsSource:
+    """The device's new identity on the process's one shared TLS context (about 25 KB saved
+    per user: simulator/shared_tls.py); the key goes through a memfd, never a named file."""
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    folder = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-    with tempfile.NamedTemporaryFile(prefix="fleet-locust-", dir=folder) as handle:
-        handle.write(pem + certificate_pem.encode())
-        handle.flush()
-        return tls_context(ca, handle.name, handle.name)
+    return shared_tls.identity(Path(ca), pem, certificate_pem.encode())
 
 
 # --------------------------------------------------------------------------------- user
@@ -480,7 +477,7 @@ class FleetDevice(User):
         self.settings = _Process.settings
         self.serial = _Process.serial(self.settings.serial_prefix if self.settings else "locust")
         self.thing: str | None = None
-        self.tls: ssl.SSLContext | None = None  # not `context`: User.context() is locust's
+        self.tls: TlsSource | None = None  # not `context`: User.context() is locust's
         self.conn: Connection | None = None
         self.tracker = ShadowTracker()
         self.failures = 0
@@ -571,7 +568,7 @@ class FleetDevice(User):
         self._fire(kind, name, started)
         return outcome
 
-    def _connect(self, who: str, client_id: str, context: ssl.SSLContext) -> Connection:
+    def _connect(self, who: str, client_id: str, context: TlsSource) -> Connection:
         s = self.settings
         assert s is not None
         return self._step(
@@ -612,7 +609,7 @@ class FleetDevice(User):
         finally:
             claim.close()
         self.thing = result.thing_name
-        self.tls = device_context(s.ca, key, result.certificate_pem)
+        self.tls = device_identity(s.ca, key, result.certificate_pem)
 
     def _provision(
         self, claim: Connection, flow: ClaimFlow, request: Request

@@ -306,3 +306,23 @@ def test_local_keeps_its_folder_when_asked_or_when_the_run_failed(
     finally:
         for folder in re.findall(r"kept the broker side's folder (\S+) ", proc.stdout):
             shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.stack
+@pytest.mark.parametrize("after", ["hello", "connect"])
+def test_the_locust_transport_takes_a_reset_as_transient_too(after: str) -> None:
+    """The gevent transport maps a failed handshake with the agent's own function: a reset
+    without an alert is no refusal of the certificate (it had its own copy that said so)."""
+    from agent.runtime import classify
+    from agent.session import ConnectionLost, TlsFailure, tls_context
+    from simulator.locust_transport import Connection
+    from tests.test_agent_session import ResettingServer
+
+    with running_fleet(services=False) as fleet:
+        server = ResettingServer(fleet, after)
+        context = tls_context(fleet.pki.ca_cert, fleet.claim.cert, fleet.claim.key)
+        with pytest.raises((TlsFailure, ConnectionLost)) as raised:
+            Connection.open("127.0.0.1", server.port, client_id="x", context=context, timeout=5)
+        server.thread.join(5)
+    assert not getattr(raised.value, "peer_refused", False), raised.value
+    assert classify(raised.value) == "transient", raised.value
