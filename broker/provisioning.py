@@ -10,7 +10,6 @@ registry keeps a token's hash).
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import secrets
 from collections.abc import Callable, Mapping
@@ -20,28 +19,26 @@ from typing import Any, TypedDict
 from cryptography.hazmat.primitives import serialization
 
 from agent import wire
+from broker import registration
 from broker.csr import validate_csr
 from broker.hooks import Hook, HookInput
 from broker.identity import Sender
 from broker.pki import CertificateAuthority, certificate_pem, generate_private_key
 from broker.registry import (
+    CertificateRecord,
     CertificateStatus,
     InvalidOwnershipToken,
     Registration,
     Registry,
     ThingRevoked,
-    ThingStatus,
 )
 from broker.rejection import (
     Rejection,
     access_denied,
-    conflict,
     internal,
-    invalid_parameters,
     invalid_payload,
     invalid_token,
     not_found,
-    throttled,
     too_large,
 )
 from broker.templates import ProvisioningPlan, Template, evaluate
@@ -112,6 +109,11 @@ class ProvisioningService:
         self.templates = dict(templates)
         self.hooks = dict(hooks)
         self.settings = settings
+        self._rules = registration.RegistrationRules(
+            settings.reserved_thing_names,
+            settings.reserved_thing_prefixes,
+            settings.min_renewal_interval,
+        )
         self.clock = clock
 
     # ----------------------------------------------------------------- dispatch
@@ -181,22 +183,15 @@ class ProvisioningService:
             "certificateOwnershipToken": token,
         }
 
-    def _check_renewal_pace(self, caller: Sender) -> None:
+    def _caller_certificate(self, caller: Sender) -> CertificateRecord | None:
+        """A device's own certificate record (its renewal pace); None for other callers."""
         if caller.role != "device":
-            return
-        current = self.registry.get_certificate(caller.certificate_id)
-        if current is None:
-            return
-        age = self.clock() - current.created_at
-        floor = min(
-            self.settings.min_renewal_interval, (current.not_after - current.created_at) / 2
-        )
-        if age < floor:
-            wait = (floor - age).total_seconds()
-            raise throttled(
-                f"Certificate renewal too soon: the current certificate is "
-                f"{age.total_seconds():.0f} s old; renew in {wait:.0f} s at the earliest."
-            )
+            return None
+        return self.registry.get_certificate(caller.certificate_id)
+
+    def _check_renewal_pace(self, caller: Sender) -> None:
+        current = self._caller_certificate(caller)
+        registration.check_renewal_pace(caller, current, self.clock(), self._rules)
 
     def create_certificate_from_csr(
         self, document: dict[str, Any], caller: Sender
@@ -309,105 +304,18 @@ class ProvisioningService:
     def _registration(
         self, plan: ProvisioningPlan, token: str, certificate_id: str, caller: Sender
     ) -> Registration:
-        if plan.thing is None:
-            raise Rejection(400, "InvalidParameters", "The template creates no AWS::IoT::Thing.")
-        name = plan.thing.name
-        self._check_name(name)
-        if caller.role == "device" and caller.thing != name:
-            raise access_denied("A device may only register certificates for its own thing.")
-        self._check_renewal_pace(caller)
-        existing = self.registry.get_thing(name)
-        if existing is not None and existing.status is ThingStatus.REVOKED:
-            raise access_denied(str(ThingRevoked(name)))
-        attributes: Mapping[str, str] | None = dict(plan.thing.attributes)
-        groups: list[str] | None = list(plan.thing.thing_groups)
-        thing_type = plan.thing.thing_type
-        orphans: list[str] = []
-        if existing is not None:
-            active = [
+        """The registry's facts about the thing ``plan`` names, then the pure decision."""
+        name = plan.thing.name if plan.thing is not None else None
+        existing = self.registry.get_thing(name) if name is not None else None
+        other_active = (
+            [
                 c
-                for c in self.registry.list_certificates(thing_name=name)
+                for c in self.registry.list_certificates(thing_name=existing.name)
                 if c.status is CertificateStatus.ACTIVE and c.id != certificate_id
             ]
-            # A shared claim certificate must not let one device take over another's thing:
-            # only that thing's own identity (renewal) may add a certificate to a live thing.
-            # Certificates that never connected are an onboarding that died before the device
-            # stored them: the claim that registered them (the same device retrying) may
-            # register again, and those are retired; any other claim may not.
-            if active and caller.thing != name:
-                if not all(c.awaiting_first_connect for c in active):
-                    raise conflict(f"Thing {name} already exists with an active certificate.")
-                if not all(c.registered_by == caller.certificate_id for c in active):
-                    raise conflict(
-                        f"Thing {name} is being onboarded by another claim certificate; only "
-                        "that claim may register it again until its device connects."
-                    )
-                orphans = [c.id for c in active]
-            attributes, groups, thing_type = self._apply_overrides(plan, existing)
-        # The thing's own device asking with its current certificate: a renewal.
-        renews = (
-            caller.certificate_id
-            if caller.role == "device" and caller.certificate_id != certificate_id
-            else None
+            if existing is not None
+            else []
         )
-        status = CertificateStatus.ACTIVE
-        if plan.certificate is not None and plan.certificate.status.upper() == "INACTIVE":
-            status = CertificateStatus.INACTIVE
-        return Registration(
-            token=token,
-            certificate_id=certificate_id,
-            thing_name=name,
-            certificate_status=status,
-            attributes=attributes,
-            thing_groups=groups,
-            thing_type=thing_type,
-            renews=renews,
-            supersedes=orphans,
-            registered_by=caller.certificate_id,
-            policies=[
-                (p.name or p.logical_id, json.dumps(p.document) if p.document else None)
-                for p in plan.policies
-            ],
-        )
-
-    def _check_name(self, name: str) -> None:
-        if name in self.settings.reserved_thing_names or name.startswith(
-            self.settings.reserved_thing_prefixes
-        ):
-            raise conflict(f"Thing name {name} is reserved.")
-        if not any(ch.isalnum() for ch in name):
-            # "-" from empty template parameters: no device could be told apart by it.
-            raise invalid_parameters(
-                f"Thing name {name!r} has no letter or digit; check the template's parameters "
-                "(an empty DeviceModel or SerialNumber?)."
-            )
-
-    @staticmethod
-    def _apply_overrides(
-        plan: ProvisioningPlan, existing: Any
-    ) -> tuple[Mapping[str, str] | None, list[str] | None, str | None]:
-        """AWS OverrideSettings for an existing thing; unspecified means DO_NOTHING."""
-        assert plan.thing is not None
-        overrides = plan.thing.overrides
-        name = plan.thing.name
-
-        def setting(prop: str) -> str:
-            value = overrides.get(prop, "DO_NOTHING").upper()
-            if value == "FAIL":
-                raise conflict(f"Thing {name} exists and the template forbids changing {prop}.")
-            return value
-
-        attributes: Mapping[str, str] | None = None
-        match setting("AttributePayload"):
-            case "REPLACE":
-                attributes = dict(plan.thing.attributes)
-            case "MERGE":
-                attributes = {**existing.attributes, **plan.thing.attributes}
-        groups: list[str] | None = None
-        match setting("ThingGroups"):
-            case "REPLACE":
-                groups = list(plan.thing.thing_groups)
-            case "MERGE":
-                groups = list(dict.fromkeys([*existing.thing_groups, *plan.thing.thing_groups]))
-        thing_type = plan.thing.thing_type if setting("ThingTypeName") == "REPLACE" else None
-        return attributes, groups, thing_type
+        current = self._caller_certificate(caller)
+        facts = registration.RegistrationFacts(self.clock(), existing, other_active, current)
+        return registration.decide(plan, token, certificate_id, caller, facts, self._rules)
