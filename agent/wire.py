@@ -117,7 +117,7 @@ PROPERTY_SENDER: Final = "fleet-sender"
 PROPERTY_REPLY_TO: Final = "fleet-reply-to"
 PROPERTY_CONNECTION: Final = "fleet-connection"
 
-#: Client-id spaces the plugin enforces (shared/DESIGN.md, "Identities"). A thing's client id
+#: Client-id spaces the plugin enforces (docs/architecture.md, "Identities"). A thing's client id
 #: is its name (THING_NAME_PATTERN); a claim's must start with CLAIM_CLIENT_ID_PREFIX, which
 #: no thing name may start with, so a claim can neither take nor probe a thing's id; operator
 #: tools (service identity) use OPERATOR_CLIENT_ID_PREFIX, a character no thing name has.
