@@ -85,9 +85,10 @@ def find_mosquitto() -> str:
 
 def plugin_library() -> Path:
     """The built plugin; built on the spot when the sources are newer and headers are there."""
-    source = PLUGIN_DIR / "fleet_plugin.c"
-    stale = source.exists() and (
-        not PLUGIN_LIBRARY.exists() or PLUGIN_LIBRARY.stat().st_mtime < source.stat().st_mtime
+    sources = [*PLUGIN_DIR.glob("*.c"), *PLUGIN_DIR.glob("*.h")]
+    stale = bool(sources) and (
+        not PLUGIN_LIBRARY.exists()
+        or PLUGIN_LIBRARY.stat().st_mtime < max(source.stat().st_mtime for source in sources)
     )
     if stale and Path("/usr/include/mosquitto_broker.h").exists() and shutil.which("make"):
         subprocess.run(["make", "-s", "-C", str(PLUGIN_DIR)], check=False, capture_output=True)

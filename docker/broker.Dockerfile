@@ -18,7 +18,8 @@ RUN test -n "${VERSION:-}" && test -n "${DOWNLOAD_SHA256:-}" \
     && mkdir -p /build/mosquitto \
     && tar -xzf /tmp/mosquitto.tar.gz --strip-components=1 -C /build/mosquitto \
     && rm /tmp/mosquitto.tar.gz
-COPY broker/plugin/fleet_plugin.c broker/plugin/Makefile /build/plugin/
+COPY broker/plugin/fleet_plugin.c broker/plugin/topic_match.c broker/plugin/topic_match.h \
+    broker/plugin/Makefile /build/plugin/
 # The Makefile's flags without -Werror: a warning new to this compiler must not fail the
 # image build (the native build, which the tests run, keeps -Werror).
 RUN make -C /build/plugin \

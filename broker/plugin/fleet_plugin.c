@@ -67,6 +67,8 @@
 #include <mosquitto_plugin.h>
 #include <mqtt_protocol.h>
 
+#include "topic_match.h"
+
 #define LOG_PREFIX "mqtt-fleet: "
 #define PROP_PREFIX "fleet-"
 #define SINK_TOPIC "$fleet/void"
@@ -226,68 +228,27 @@ static bool certificate_id(X509 *cert, char out[CERT_ID_LEN + 1])
 
 /* ------------------------------------------------------------- topic match */
 
-/* Next level of a topic or filter: sets *len, returns pointer past it or NULL at the end. */
-static const char *level(const char *s, size_t *len)
-{
-	const char *slash = strchr(s, '/');
-	*len = slash ? (size_t)(slash - s) : strlen(s);
-	return slash ? slash + 1 : NULL;
-}
-
-static bool level_is(const char *s, size_t len, const char *lit)
-{
-	return strlen(lit) == len && !strncmp(s, lit, len);
-}
-
-/*
- * True when every topic that `subject` can name is matched by `pattern`.
- * `subject` is a topic (publish, receive) or, with is_filter, a subscription
- * filter whose own wildcards must be covered. "%t" in a pattern matches only
- * the connection's thing name. A wildcard in the first level never matches a
- * topic starting with '$' (MQTT 4.7.2).
- */
-static bool covers(const char *pattern, const char *subject, const char *thing, bool is_filter)
-{
-	const char *p = pattern, *s = subject;
-	bool first = true;
-	for(;;){
-		size_t pl, sl;
-		const char *pnext = level(p, &pl);
-		if(level_is(p, pl, "#")) return !(first && s[0] == '$');
-		const char *snext = level(s, &sl);
-		bool s_wild = is_filter && (level_is(s, sl, "+") || level_is(s, sl, "#"));
-		if(level_is(p, pl, "+")){
-			if(first && sl > 0 && s[0] == '$') return false;
-			if(is_filter && level_is(s, sl, "#")) return false;
-		}else if(level_is(p, pl, "%t")){
-			if(!thing || s_wild || !level_is(s, sl, thing)) return false;
-		}else if(s_wild || pl != sl || strncmp(p, s, pl)){
-			return false;
-		}
-		first = false;
-		if(!pnext) return !snext;
-		if(!snext) return !strcmp(pnext, "#"); /* "a/#" also matches "a" */
-		p = pnext;
-		s = snext;
-	}
-}
-
 static bool allowed(enum role role, int access, const char *subject, const char *thing)
 {
 	for(size_t i = 0; i < policy.rule_count; i++){
 		const struct rule *r = &policy.rules[i];
 		if((r->roles & role) && (r->access & access)
-				&& covers(r->filter, subject, role == ROLE_DEVICE ? thing : NULL, access == ACC_SUBSCRIBE)){
+				&& fleet_covers(r->filter, subject, role == ROLE_DEVICE ? thing : NULL,
+					access == ACC_SUBSCRIBE)){
 			return true;
 		}
 	}
 	return false;
 }
 
+/* A plain "does this filter match this topic": Mosquitto's own matcher. */
 static bool is_request_topic(const char *topic)
 {
 	for(size_t i = 0; i < policy.forward_count; i++){
-		if(covers(policy.forward[i], topic, NULL, false)) return true;
+		bool match = false;
+		if(mosquitto_topic_matches_sub(policy.forward[i], topic, &match) == MOSQ_ERR_SUCCESS && match){
+			return true;
+		}
 	}
 	return false;
 }
