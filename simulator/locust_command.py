@@ -17,11 +17,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from broker import children
 
 if TYPE_CHECKING:
-    from broker.mosquitto import RunFiles
+    pass
 
 LOCUSTFILE = Path(__file__).resolve().with_name("locustfile.py")
 #: Where the ``simulator`` package lives: the locustfile imports it by that name.
@@ -136,52 +134,39 @@ class LocalSide:
 
 @contextlib.contextmanager
 def local_broker_side(*, keep: bool = False) -> Iterator[LocalSide]:
-    """A broker side on a free loopback port, stopped at the end; its folder is removed then
-    unless ``keep`` or the run failed (set ``failed``), or it could not start."""
-    from broker import bootstrap
-    from broker.config import load_config
-    from broker.mosquitto import BrokerError, RunFiles, free_port
-    from broker.stack import Stack
+    """A broker side on a free loopback port (broker.local), stopped at the end; its folder
+    is removed then unless ``keep`` or the run failed (set ``failed``), or it could not
+    start."""
+    from broker import local
 
-    folder = Path(tempfile.mkdtemp(prefix="fleet-locust-"))
-    side = LocalSide(folder, {}, keep=keep)
-    logs = RunFiles(folder / "certs" / "run")
-    try:
-        folder.chmod(0o755)  # as root, Mosquitto drops to its own user, which must reach the PKI
-        pki = bootstrap.initialize(folder / "certs")
-        config = load_config(pki.root, port=free_port(), bind_address="127.0.0.1")
-        logs = RunFiles(config.run_dir)
-        stack = Stack(config, with_services=True)
-        print(f"fleet-sim: local broker side on 127.0.0.1:{config.port} ({folder})", flush=True)
+    side = LocalSide(Path(), {}, keep=keep)
+
+    def announce(broker: local.LocalBrokerSide) -> None:
+        side.folder = broker.folder
+        print(
+            f"fleet-sim: local broker side on {local.HOST}:{broker.config.port} ({broker.folder})",
+            flush=True,
+        )
         side.options = {
-            ("--host", "-H"): f"mqtts://127.0.0.1:{config.port}",
-            ("--fleet-ca",): str(pki.ca_cert),
-            ("--fleet-claim-cert",): str(pki.claim_cert),
-            ("--fleet-claim-key",): str(pki.claim_key),
+            ("--host", "-H"): f"mqtts://{local.HOST}:{broker.config.port}",
+            ("--fleet-ca",): str(broker.pki.ca_cert),
+            ("--fleet-claim-cert",): str(broker.pki.claim_cert),
+            ("--fleet-claim-key",): str(broker.pki.claim_key),
         }
-        try:
-            stack.start()
-        except BrokerError:
-            side.failed = True  # its logs say why
-            raise
-        try:
-            yield side
-        finally:
-            stack.stop()
-    finally:
-        _keep_or_remove(side, logs)
 
+    def keep_or_remove(broker: local.LocalBrokerSide) -> None:
+        side.failed = side.failed or broker.failed
+        broker.keep = side.keep or side.failed
+        if broker.keep:
+            why = "the run failed; " if side.failed and not side.keep else ""
+            print(
+                f"fleet-sim: {why}kept the broker side's folder {broker.folder} (logs: "
+                f"{broker.files.log}, {broker.files.services_log}; remove it when done)",
+                flush=True,
+            )
 
-def _keep_or_remove(side: LocalSide, logs: RunFiles) -> None:
-    if not (side.keep or side.failed):
-        shutil.rmtree(side.folder, ignore_errors=True)
-        return
-    why = "the run failed; " if side.failed and not side.keep else ""
-    print(
-        f"fleet-sim: {why}kept the broker side's folder {side.folder} (logs: {logs.log}, "
-        f"{logs.services_log}; remove it when done)",
-        flush=True,
-    )
+    with local.local_broker_side("fleet-locust-", announce=announce, on_exit=keep_or_remove):
+        yield side
 
 
 def _environment() -> dict[str, str]:

@@ -18,13 +18,10 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
-import pwd
 import queue
 import random
 import shutil
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -43,13 +40,12 @@ from rich.table import Table
 
 from agent import distribution_version, wire
 from broker import bootstrap
-from broker.config import load_config
-from broker.mosquitto import RunFiles, broker_user, free_port
+from broker.local import HOST, LocalBrokerSide, local_broker_side
+from broker.mosquitto import RunFiles
 from broker.mqtt import connect as service_connect
 from broker.mqtt import disconnect as service_disconnect
 from broker.mqtt import tls_context as service_tls
 from broker.pki import PkiPaths
-from broker.stack import Stack
 from simulator import progress
 from simulator.ceiling import STEP as CEILING_STEP
 from simulator.metrics import Recorder, in_step_order, step_label
@@ -146,23 +142,6 @@ class FleetState:
 BROKER_LOGS = "broker-logs"
 
 
-@contextmanager
-def private_workdir() -> Iterator[Path]:
-    """A temporary folder for the local broker side, outside the output folder, removed at
-    the end: mode 0700 (ours only). As root, Mosquitto drops to its own user, which must reach
-    its key and the registry in there: then 0710 with that user's group, so it may traverse
-    the folder but not list it, and nobody else may even do that."""
-    folder = Path(tempfile.mkdtemp(prefix="fleet-sim-broker-"))  # 0700 whatever the umask
-    try:
-        user = broker_user()
-        if user not in (None, "root"):
-            os.chown(folder, -1, pwd.getpwnam(user).pw_gid)
-            folder.chmod(0o710)
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
 def copy_broker_logs(files: RunFiles, output: Path, console: Console) -> None:
     """The broker's and the services' logs into ``output/broker-logs`` (what a user needs to
     debug a run once the work folder is gone); nothing else of the work folder."""
@@ -181,8 +160,8 @@ def copy_broker_logs(files: RunFiles, output: Path, console: Console) -> None:
 def broker_side(scenario: Scenario, output: Path, console: Console) -> Iterator[dict[str, Any]]:
     """The broker to use: the scenario's, or a local one started (and stopped) here.
 
-    The local one lives in a private temporary folder (see ``private_workdir``), never in
-    ``output``: only its logs are copied there when it stops."""
+    The local one lives in a private temporary folder (broker.local), never in ``output``:
+    only its logs are copied there when it stops."""
     if scenario.endpoint is not None:
         yield {
             "endpoint": scenario.endpoint,
@@ -192,31 +171,26 @@ def broker_side(scenario: Scenario, output: Path, console: Console) -> Iterator[
             "pki": None,
         }
         return
-    with private_workdir() as workdir:
-        pki = bootstrap.initialize(workdir / "certs")
-        config = load_config(pki.root, port=free_port(), bind_address="127.0.0.1")
-        stack = Stack(config, with_services=True)
+
+    def announce(side: LocalBrokerSide) -> None:
         console.print(
-            f"starting the local broker side on 127.0.0.1:{config.port} (throw-away PKI in "
-            f"{workdir}, removed at the end; logs in {output / BROKER_LOGS})",
+            f"starting the local broker side on {HOST}:{side.config.port} (throw-away PKI in "
+            f"{side.folder}, removed at the end; logs in {output / BROKER_LOGS})",
             soft_wrap=True,  # one line in a log or a pipe too, whatever its width
         )
-        try:
-            stack.start()
-            try:
-                yield {
-                    "endpoint": "localhost",
-                    "port": config.port,
-                    "ca_file": pki.ca_cert,
-                    "claim": (pki.claim_cert, pki.claim_key),
-                    "pki": pki,
-                    "services_client_id": config.services_client_id,
-                }
-            finally:
-                stack.stop()
-        finally:
-            # Also after a failed start: the logs say why.
-            copy_broker_logs(RunFiles(config.run_dir), output, console)
+
+    def copy_logs(side: LocalBrokerSide) -> None:  # also after a failed start: they say why
+        copy_broker_logs(side.files, output, console)
+
+    with local_broker_side("fleet-sim-broker-", announce=announce, on_exit=copy_logs) as side:
+        yield {
+            "endpoint": "localhost",
+            "port": side.config.port,
+            "ca_file": side.pki.ca_cert,
+            "claim": (side.pki.claim_cert, side.pki.claim_key),
+            "pki": side.pki,
+            "services_client_id": side.config.services_client_id,
+        }
 
 
 class Operator:

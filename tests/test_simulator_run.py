@@ -219,21 +219,25 @@ def test_no_key_and_no_registry_in_the_output_folder(
     assert not Path(found.group(1)).exists()
 
 
-def test_the_broker_work_folder_is_private_and_removed() -> None:
+def test_the_broker_work_folder_is_private() -> None:
+    """broker.local's folder, where fleet-sim run and locust --local keep the CA key. That it
+    is removed at the end: tests/test_signals.py, test_sigterm_stops_a_run_which_still_...."""
     import os
+    import shutil
     import stat
 
+    from broker.local import private_folder
     from broker.mosquitto import broker_user
-    from simulator.run import private_workdir
 
-    with private_workdir() as folder:
-        (folder / "ca.key").write_text("secret")
+    folder = private_folder("fleet-test-")
+    try:
         info = folder.stat()
         assert info.st_uid == os.geteuid()
         # Ours only; as root, Mosquitto's dropped user may pass through but not list it.
         expected = 0o700 if broker_user() in (None, "root") else 0o710
         assert stat.S_IMODE(info.st_mode) == expected
-    assert not folder.exists()
+    finally:
+        shutil.rmtree(folder)
 
 
 def test_a_closed_stdout_is_no_failure(folder: Path) -> None:
