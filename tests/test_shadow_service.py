@@ -16,8 +16,9 @@ import pytest
 from agent import wire
 from broker.identity import Sender
 from broker.mqtt import ConnectError
+from broker.mqtt5_client import encode_varint, read_varint
 from broker.registry import CertificateStatus, ShadowStore, SQLiteRegistry, StoredShadow
-from broker.service_connection import ServiceConnection, _encode_varint, _varint
+from broker.service_connection import ServiceConnection
 from broker.shadow_service import ShadowService
 from tests.fleet import Client, Fleet, running_fleet
 
@@ -376,6 +377,6 @@ def test_a_failed_write_costs_only_its_own_request_an_answer(registry: SQLiteReg
 @pytest.mark.unit
 @pytest.mark.parametrize("value", [0, 1, 127, 128, 16383, 16384, 2097151, 2097152, 268435455])
 def test_variable_byte_integers_round_trip(value: int) -> None:
-    encoded = _encode_varint(value)
-    assert _varint(encoded, 0, len(encoded)) == (value, len(encoded))
-    assert _varint(encoded, 0, len(encoded) - 1) is None  # incomplete: wait for more bytes
+    encoded = encode_varint(value)
+    assert read_varint(encoded, 0, len(encoded)) == (value, len(encoded))
+    assert read_varint(encoded, 0, len(encoded) - 1) is None  # incomplete: wait for more bytes
