@@ -17,8 +17,9 @@ from __future__ import annotations
 import copy
 import json
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Final
 
 from agent.shadow_rules import delta, equal, merge
@@ -223,6 +224,48 @@ class Rejection:
     def retryable(self) -> bool:
         """Worth sending again later: conflicts, throttling and service failures."""
         return self.code in (409, 429) or self.code >= 500
+
+
+# ------------------------------------------------------------- what to do with a reply
+
+
+class NextStep(Enum):
+    SENT = "sent"  # accepted: the report leaves the queue
+    RESYNC = "resync"  # 409: get the document (its version), then send again
+    RETRY = "retry"  # throttled, a service failure or no reply: send again after the delay
+    PARK = "park"  # refused for good: keep it aside (the rejected file), go on with the next
+
+
+@dataclass(frozen=True)
+class ReportDecision:
+    step: NextStep
+    delay: float = 0.0
+    #: The conflicts and the other retryable failures in a row, for the next decision.
+    conflicts: int = 0
+    failures: int = 0
+
+
+def after_report(
+    outcome: Document | Rejection,
+    *,
+    conflicts: int,
+    failures: int,
+    backoff: Callable[[int], float],
+) -> ReportDecision:
+    """What the device does with the answer to one report (an update of ``reported``), given
+    the conflicts and failures in a row before it; ``backoff(n)`` is the wait after the n-th.
+
+    One conflict is someone else's update, resolved at once by a get; more in a row mean the
+    device's view does not converge (a busy writer, a service that lost data): back off
+    rather than spin. A report no retry can help is parked, never dropped."""
+    if not isinstance(outcome, Rejection):
+        return ReportDecision(NextStep.SENT)
+    if outcome.code == 409:
+        delay = backoff(conflicts) if conflicts else 0.0
+        return ReportDecision(NextStep.RESYNC, delay, conflicts + 1, failures)
+    if outcome.retryable:
+        return ReportDecision(NextStep.RETRY, backoff(failures + 1), conflicts, failures + 1)
+    return ReportDecision(NextStep.PARK, 0.0, conflicts, failures)
 
 
 @dataclass

@@ -45,11 +45,13 @@ from agent.provisioning import RetryPolicy
 from agent.session import Message, Session, SessionError, SessionTimeout, wait_future
 from agent.shadow import (
     Document,
+    NextStep,
     Rejection,
     ReportQueue,
     ReportQueueFull,
     ShadowProtocolError,
     ShadowTracker,
+    after_report,
     new_client_token,
     update_request,
 )
@@ -488,40 +490,37 @@ class ShadowSync:
                 outcome = await self._request("update", request)
             except SessionTimeout:
                 outcome = Rejection(504, "no reply", None)
-            if not isinstance(outcome, Rejection):
+            decision = after_report(
+                outcome, conflicts=conflicts, failures=failures, backoff=self.retry.backoff
+            )
+            conflicts, failures = decision.conflicts, decision.failures
+            if decision.step is NextStep.SENT:
                 self.queue.pop_head()
                 self.reached = merge(self.reached, head)
                 self.last_sync = time.time()
-                failures = conflicts = 0
                 await self._save_or_log()
                 continue
+            assert isinstance(outcome, Rejection)
             self.queue.head_sealed = False
-            if outcome.code == 409:
-                conflicts += 1
-                # One conflict is someone else's update, resolved by the get. More in a row
-                # mean our view does not converge (a busy writer, a service that lost data):
-                # back off rather than spin.
-                delay = self.retry.backoff(conflicts - 1) if conflicts > 1 else 0.0
+            if decision.step is NextStep.RESYNC:
                 log.info(
                     "shadow %s: version conflict; getting the document and retrying%s",
                     self.name,
-                    f" in {delay:.1f} s" if delay else "",
+                    f" in {decision.delay:.1f} s" if decision.delay else "",
                 )
-                await asyncio.sleep(delay)
+                await asyncio.sleep(decision.delay)
                 await self.refresh()
                 await self._apply_delta()
                 continue
-            if outcome.retryable:
-                failures += 1
-                delay = self.retry.backoff(failures)
+            if decision.step is NextStep.RETRY:
                 log.warning(
                     "shadow %s: report not accepted (%d %s); retrying in %.1f s",
                     self.name,
                     outcome.code,
                     outcome.message,
-                    delay,
+                    decision.delay,
                 )
-                await asyncio.sleep(delay)
+                await asyncio.sleep(decision.delay)
                 continue
             log.error(
                 "shadow %s: report rejected for good (%d %s); kept in the rejected file",

@@ -15,11 +15,14 @@ import pytest
 
 from agent.shadow import (
     CLIENT_TOKEN_BYTES,
+    NextStep,
     Rejection,
+    ReportDecision,
     ReportQueue,
     ReportQueueFull,
     ShadowProtocolError,
     ShadowTracker,
+    after_report,
     changes,
     compose,
     new_client_token,
@@ -880,3 +883,37 @@ def test_tracker_lock_version() -> None:
     assert tracker.lock_version() == 9
     tracker.on_get_missing()
     assert tracker.lock_version() is None
+
+
+# ---------------------------------------------------------------- after_report
+
+
+def _doubling(n: int) -> float:
+    return float(2**n)
+
+
+def test_an_accepted_report_resets_the_streaks() -> None:
+    decision = after_report({"version": 3}, conflicts=2, failures=4, backoff=_doubling)
+    assert decision == ReportDecision(NextStep.SENT)
+
+
+def test_a_first_conflict_resyncs_at_once_and_the_next_ones_back_off() -> None:
+    first = after_report(
+        Rejection(409, "Version conflict", None), conflicts=0, failures=0, backoff=_doubling
+    )
+    assert (first.step, first.delay, first.conflicts) == (NextStep.RESYNC, 0.0, 1)
+    second = after_report(conflict, conflicts=1, failures=0, backoff=_doubling)
+    assert (second.step, second.delay, second.conflicts) == (NextStep.RESYNC, 2.0, 2)
+
+
+@pytest.mark.parametrize("code", [429, 500, 503, 504])
+def test_throttling_and_service_failures_are_retried_with_backoff(code: int) -> None:
+    decision = after_report(Rejection(code, "x", None), conflicts=1, failures=2, backoff=_doubling)
+    assert (decision.step, decision.delay) == (NextStep.RETRY, 8.0)
+    assert (decision.conflicts, decision.failures) == (1, 3)
+
+
+@pytest.mark.parametrize("code", [400, 401, 403, 404, 413])
+def test_a_report_refused_for_good_is_parked(code: int) -> None:
+    decision = after_report(Rejection(code, "x", None), conflicts=0, failures=1, backoff=_doubling)
+    assert decision == ReportDecision(NextStep.PARK, 0.0, 0, 1)
