@@ -898,9 +898,8 @@ def test_an_accepted_report_resets_the_streaks() -> None:
 
 
 def test_a_first_conflict_resyncs_at_once_and_the_next_ones_back_off() -> None:
-    first = after_report(
-        Rejection(409, "Version conflict", None), conflicts=0, failures=0, backoff=_doubling
-    )
+    conflict = Rejection(409, "Version conflict", None)
+    first = after_report(conflict, conflicts=0, failures=0, backoff=_doubling)
     assert (first.step, first.delay, first.conflicts) == (NextStep.RESYNC, 0.0, 1)
     second = after_report(conflict, conflicts=1, failures=0, backoff=_doubling)
     assert (second.step, second.delay, second.conflicts) == (NextStep.RESYNC, 2.0, 2)
