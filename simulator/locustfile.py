@@ -82,9 +82,11 @@ from agent.session import (
 )
 from agent.shadow import (
     Document,
+    NextStep,
     Rejection,
     ShadowProtocolError,
     ShadowTracker,
+    after_report,
     new_client_token,
     update_request,
 )
@@ -94,6 +96,8 @@ from simulator.locust_transport import Connection, Message
 log = logging.getLogger("fleet.locust")
 
 T = TypeVar("T")
+#: Sends of one report before it counts as failed (conflicts and retryable answers).
+REPORT_ATTEMPTS = 5
 DEFAULT_PORT = 8883
 
 
@@ -654,9 +658,25 @@ class FleetDevice(User):
         *,
         replies: tuple[str, ...] | None = None,
         match: Callable[[Message], bool] | None = None,
-    ) -> Message:
+    ) -> None:
         """One shadow request, answered on accepted/rejected with our clientToken (or as
-        ``replies``/``match`` say); a rejection raises AwsRejected."""
+        ``replies``/``match`` say); a rejection raises AwsRejected (a get's 404 is no
+        shadow yet)."""
+        reply = self._answer(operation, document, replies=replies, match=match)
+        if isinstance(reply, Rejection):
+            if not (operation == "get" and reply.code == 404):
+                raise AwsRejected(f"{reply.code}: {reply.message}")
+            self.tracker.on_get_missing()
+
+    def _answer(
+        self,
+        operation: wire.ShadowOperation,
+        document: Document,
+        *,
+        replies: tuple[str, ...] | None = None,
+        match: Callable[[Message], bool] | None = None,
+    ) -> Message | Rejection:
+        """The reply to one shadow request: the accepted message, or the Rejection."""
         s, thing, conn = self.settings, self.thing, self.conn
         assert s is not None and thing is not None
         if conn is None:
@@ -670,22 +690,56 @@ class FleetDevice(User):
             timeout=s.timeout,
             match=match or (lambda m: m.field("clientToken") == token),
         )
-        if reply.topic == rejected:
-            rejection = Rejection.parse(reply.document)
-            if not (operation == "get" and rejection.code == 404):  # 404: no shadow yet
-                raise AwsRejected(f"{rejection.code}: {rejection.message}")
-            self.tracker.on_get_missing()
-        return reply
+        return Rejection.parse(reply.document) if reply.topic == rejected else reply
+
+    def _report(self, patch: Document, name: str, started: float = 0.0) -> None:
+        """Report ``patch`` as the agent does (agent.shadow.after_report): with the version
+        for optimistic locking; a 409 gets the document and sends again, 429, 5xx and no
+        reply back off and send again, a refusal fails. One step, timed until accepted;
+        each conflict is counted as a "version conflict" row of its own."""
+        started = started or time.perf_counter()
+        conflicts = failures = 0
+        for _ in range(REPORT_ATTEMPTS):
+            document = update_request(patch, new_client_token("lc"), self.tracker.lock_version())
+            try:
+                reply = self._answer("update", document)
+                outcome = reply if isinstance(reply, Rejection) else reply.document
+            except SessionTimeout:
+                outcome = Rejection(504, "no reply", None)
+            except FAILURES as exc:  # the connection is gone, or a reply we cannot read
+                self._fire("shadow", name, started, failure(exc))
+                raise _StepFailed() from None
+            decision = after_report(
+                outcome, conflicts=conflicts, failures=failures, backoff=RETRY.backoff
+            )
+            conflicts, failures = decision.conflicts, decision.failures
+            if decision.step is NextStep.SENT:
+                self._fire("shadow", name, started)
+                return
+            if decision.step is NextStep.PARK:
+                assert isinstance(outcome, Rejection)
+                error = AwsRejected(f"{outcome.code}: {outcome.message}")
+                self._fire("shadow", name, started, error)
+                raise _StepFailed()
+            gevent.sleep(decision.delay)
+            if decision.step is NextStep.RESYNC:
+                self._fire("shadow", "version conflict", time.perf_counter())
+                try:
+                    self.get()  # its reply sets the tracker's version (_on_document)
+                except _StepFailed:  # the get's failure is reported; so is the report's
+                    self._fire("shadow", name, started, Disconnected("no get after a conflict"))
+                    raise
+        self._fire("shadow", name, started, TimedOut(f"not accepted in {REPORT_ATTEMPTS} tries"))
+        raise _StepFailed()
 
     def update(self) -> None:
-        """Report a new state: publish -> /update/accepted."""
+        """Report a new state: publish -> /update/accepted (conflicts resolved on the way)."""
         self._sequence += 1
         reported: Document = {"locust": {"seq": self._sequence}}
         assert self.settings is not None
         if self.settings.payload_bytes:
             reported["locust"]["pad"] = "x" * self.settings.payload_bytes
-        document = update_request(reported, new_client_token("lc"))
-        self._step("shadow", "update", lambda: self._shadow("update", document))
+        self._report(reported, "update")
 
     def get(self) -> None:
         document = {"clientToken": new_client_token("lc")}
@@ -751,14 +805,8 @@ class FleetDevice(User):
         while self._to_report and self.online:
             patch, self._to_report = self._to_report, {}
             started, self._delta_at = self._delta_at or time.perf_counter(), None
-            document = update_request(patch, new_client_token("lc"))
             try:
-                self._step(
-                    "shadow",
-                    "delta -> reported",
-                    functools.partial(self._shadow, "update", document),
-                    started,
-                )
+                self._report(patch, "delta -> reported", started)
             except _StepFailed:
                 self.tracker.forget_attempts(patch)  # tried again on the next delta or get
                 return

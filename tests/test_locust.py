@@ -6,15 +6,18 @@ AWS rejections reported as failures."""
 from __future__ import annotations
 
 import csv
+import json
 import re
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from agent import wire
 from broker.mosquitto import free_port
 from broker.registry import CertificateRole
 from tests.fleet import AGENT_ENV, REPO, Fleet, make_workdir, running_fleet
@@ -326,3 +329,44 @@ def test_the_locust_transport_takes_a_reset_as_transient_too(after: str) -> None
         server.thread.join(5)
     assert not getattr(raised.value, "peer_refused", False), raised.value
     assert classify(raised.value) == "transient", raised.value
+
+
+def test_the_locust_user_reports_with_optimistic_locking_and_resolves_conflicts(
+    stack: Fleet,
+) -> None:
+    """Each user's reports carry the shadow version, as the agent's do (agent.shadow.
+    after_report). An operator changing every thing's desired state every 20 ms makes
+    those versions go stale under them: each conflict is a counted "version conflict",
+    resolved by a get and a resend, never a failure."""
+    out = make_workdir()
+    users = 8
+    operator = stack.client(stack.service, "operator-locking")
+    stop = threading.Event()
+
+    def desire_all_the_time() -> None:
+        n = 0
+        while not stop.wait(0.02):
+            n += 1
+            for thing in things_with(stack, "locking"):
+                body = json.dumps({"state": {"desired": {"op": n}}})
+                operator.paho.publish(wire.shadow_topic(thing, "update"), body, qos=0)
+
+    churn = threading.Thread(target=desire_all_the_time, daemon=True)
+    churn.start()
+    try:
+        proc = fleet_locust(
+            *("--headless", "-u", str(users), "-r", str(users), "-t", "8s"),
+            *("--csv", str(out / "run")),
+            *device_options(stack),
+            *("--fleet-update-interval", "0.05"),
+            *("--fleet-serial-prefix", "locking"),
+        )
+    finally:
+        stop.set()
+        churn.join(5)
+    assert_clean(proc)
+    rows = stats(out / "run")
+    assert rows[("", "Aggregated")]["Failure Count"] == "0", rows
+    conflicts = count(rows, ("shadow", "version conflict"))
+    print(f"{conflicts} version conflicts resolved in {count(rows, ('shadow', 'update'))} updates")
+    assert conflicts > 0
