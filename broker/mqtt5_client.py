@@ -167,9 +167,9 @@ def connect_packet(client_id: str, keepalive: int, clean_start: bool, properties
     return packet(0x10, body)
 
 
-def split_packet(data: bytes | bytearray, pos: int = 0) -> tuple[int, int, int] | None:
-    """(start, body start, body end) of the whole packet at ``pos`` (its fixed header's
-    first byte at ``start``), or None while it is incomplete."""
+def split_packet(data: bytes | bytearray, pos: int = 0) -> tuple[int, int] | None:
+    """(body start, body end) of the whole packet whose fixed header starts at ``pos``, or
+    None while it is incomplete."""
     end = len(data)
     if end - pos < 2:
         return None
@@ -177,7 +177,7 @@ def split_packet(data: bytes | bytearray, pos: int = 0) -> tuple[int, int, int] 
     if parsed is None or parsed[1] + parsed[0] > end:
         return None
     length, start = parsed
-    return pos, start, start + length
+    return start, start + length
 
 
 # ------------------------------------------------------------------------- session
@@ -295,7 +295,7 @@ class ClientProtocol:
         """Take every whole packet at the start of ``data`` out of it (a partial one stays)."""
         pos = 0
         while (found := split_packet(data, pos)) is not None:
-            _, start, end = found
+            start, end = found
             self._handle(data[pos], data, start, end)
             pos = end
         del data[:pos]

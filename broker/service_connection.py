@@ -79,7 +79,7 @@ class ServiceConnection:
         self._sock: ssl.SSLSocket | None = None
         self._in = bytearray()
         self._last_out = 0.0
-        self._ping_sent: float | None = None
+        self._ping_sent = 0.0  # when the outstanding PINGREQ went (protocol.ping_outstanding)
         self._stopping = threading.Event()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -149,7 +149,6 @@ class ServiceConnection:
         sock.setblocking(False)
         self._sock = sock
         self._in[:] = rest  # what the broker sent right after CONNACK
-        self._ping_sent = None
         self._last_out = time.monotonic()
 
     @staticmethod
@@ -161,7 +160,7 @@ class ServiceConnection:
             if not chunk:
                 raise ProtocolError("the broker closed the connection")
             data += chunk
-        _, start, end = found
+        start, end = found
         return data[0], bytes(data[start:end]), bytes(data[end:])
 
     def _run(self) -> None:
@@ -208,7 +207,7 @@ class ServiceConnection:
             if protocol.held and not backlog:
                 timeout = 0.0  # look for PUBACKs, then hand over the next batch
             elif keepalive:
-                if self._ping_sent is not None:
+                if protocol.ping_outstanding:
                     due = self._ping_sent + keepalive
                 else:
                     due = self._last_out + keepalive / 2
@@ -240,7 +239,7 @@ class ServiceConnection:
         if not keepalive:
             return
         now = time.monotonic()
-        if self._ping_sent is not None and self._protocol.ping_outstanding:
+        if self._protocol.ping_outstanding:
             if now - self._ping_sent > keepalive:
                 raise ConnectionError(f"no PINGRESP within {keepalive} s")
         elif now - self._last_out >= keepalive / 2:
@@ -274,8 +273,6 @@ class ServiceConnection:
                 break
             self._in += chunk
         self._protocol.receive(self._in)
-        if not self._protocol.ping_outstanding:
-            self._ping_sent = None
         if closed:  # after reading what came before it (a DISCONNECT says why)
             raise ConnectionError("the broker closed the connection")
 

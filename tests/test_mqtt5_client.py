@@ -53,7 +53,7 @@ def packets(data: bytes) -> list[tuple[int, bytes]]:
     """(fixed header byte, body) of each packet in ``data``."""
     found, buffer = [], bytearray(data)
     while (whole := split_packet(buffer)) is not None:
-        _, start, end = whole
+        start, end = whole
         found.append((buffer[0], bytes(buffer[start:end])))
         del buffer[:end]
     assert not buffer
