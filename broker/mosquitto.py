@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent import wire
+from agent.durable import write_atomic
 from broker import policy
 from broker.config import BrokerConfig
 from broker.pki import PkiPaths
@@ -52,6 +53,12 @@ class RunFiles:
     @property
     def fallback_acl(self) -> Path:
         return self.dir / "deny-all.acl"
+
+    @property
+    def plugin(self) -> Path:
+        """The plugin Mosquitto loads: a copy of the built one, where its user can reach it
+        wherever the project lives (a clone in a private folder, a venv under /root)."""
+        return self.dir / "fleet_plugin.so"
 
     @property
     def log(self) -> Path:
@@ -146,7 +153,7 @@ def render_conf(config: BrokerConfig, files: RunFiles, user: str | None) -> str:
         "# Rendered by fleet-broker from broker.toml at every start; edits here are overwritten.",
         "per_listener_settings false",  # true would silently disable acl_file and MOSQ_EVT_TICK
         "allow_anonymous false",
-        f"plugin {plugin_library()}",
+        f"plugin {files.plugin}",
         f"plugin_opt_registry {pki.registry}",
         f"plugin_opt_policy {files.policy}",
         f"plugin_opt_service_id {config.services_client_id}",
@@ -218,7 +225,7 @@ def check_broker_can_reach(config: BrokerConfig) -> None:
     if user in (None, "root"):
         return
     pki = PkiPaths(config.pki_dir)
-    for needed in (pki.root, pki.registry.parent, config.run_dir, Path(PLUGIN_LIBRARY).parent):
+    for needed in (pki.root, pki.registry.parent, config.run_dir):
         blocked = untraversable(needed, user)
         if blocked is not None:
             folder, mode, owner = blocked
@@ -243,6 +250,9 @@ def prepare_run_dir(config: BrokerConfig) -> RunFiles:
     if user not in (None, "root"):
         entry = pwd.getpwnam(user)
         os.chown(files.dir, entry.pw_uid, entry.pw_gid)
+    write_atomic(
+        files.plugin, plugin_library().read_bytes(), 0o644
+    )  # a running one keeps its inode
     files.conf.write_text(render_conf(config, files, user))
     files.policy.write_text(policy.render())
     files.fallback_acl.write_text("# mqtt-fleet: every decision is the plugin's; nothing here.\n")

@@ -68,6 +68,9 @@ def test_the_options_the_plugin_reads_are_the_ones_rendered_and_documented(
     read = set(re.findall(r'!strcmp\(opts\[i\]\.key, "([a-z_]+)"\)', PLUGIN))
     config = load_config(tmp_path, port=18883)
     conf = render_conf(config, RunFiles(tmp_path / "run"), None)
+    # Mosquitto loads the copy in its run folder: its user reaches that wherever the project
+    # lives (a clone in a private folder, a venv under /root).
+    assert f"plugin {RunFiles(tmp_path / 'run').plugin}\n" in conf
     rendered = set(re.findall(r"^plugin_opt_([a-z_]+) ", conf, re.MULTILINE))
     documented = set(re.findall(r"`plugin_opt_([a-z_]+)`", CONTRACT))
     assert read == rendered == documented, (read, rendered, documented)
