@@ -714,8 +714,11 @@ class NativeStack:
                     copies.append((REPO / source, root / "binds"))
                     self.paths[target] = root / "binds" / (REPO / source).relative_to(REPO)
         for target, path in image_files(compose).items():
-            if path.suffix == ".so":
-                self.paths[target] = path  # the plugin, built natively
+            if path.suffix == ".so":  # the plugin, built natively, copied as the image does:
+                copy = root / "image" / path.relative_to(REPO)  # its folder, unlike a clone's,
+                copy.parent.mkdir(parents=True, exist_ok=True)  # is open to Mosquitto's user
+                shutil.copyfile(path, copy)
+                self.paths[target] = copy
             else:
                 copies.append((path, root / "image"))
                 self.paths[target] = root / "image" / path.relative_to(REPO)
